@@ -1,0 +1,233 @@
+"""Typed configuration schema for vptrain.
+
+Hydra composes YAML groups from `conf/` on top of these dataclasses (registered in the ConfigStore
+as `vptrain_schema`), so a misspelt key or a wrong type fails at composition. Cross-field rules live
+in `vptrain.validate` and run once, in the parent process, before anything is launched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+
+METHODS = ("baseline", "redis", "interlaced", "vocab-naive", "vocab-1", "vocab-2")
+VOCAB_METHODS = ("interlaced", "vocab-naive", "vocab-1", "vocab-2")
+SCHEDULES = ("1f1b", "vhalf")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt-tiny"
+    vocab_size: int = 512
+    """Number of real tokens. Padding rows (vocab.pad_to_multiple_of, pp) never enter the loss."""
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_heads: int = 4
+    seq_len: int = 64
+    tie_embeddings: bool = False
+    """Share one weight between the input embedding and the output layer."""
+    init_std: float = 0.02
+    max_position_embeddings: int | None = None
+    """Rows of the learned position table; defaults to seq_len."""
+
+
+@dataclass
+class LayoutConfig:
+    pp: int = 2
+    """Pipeline stages."""
+    dp: int = 1
+    """Data-parallel replicas of the pipeline. World size = pp * dp."""
+    layers_per_stage: list[int] | None = None
+    """Explicit transformer layers per stage (length pp, sums to model.num_layers); default even split."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "baseline"
+    """baseline | redis | interlaced | vocab-naive | vocab-1 | vocab-2"""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "1f1b"
+    """1f1b | vhalf"""
+
+
+@dataclass
+class VocabConfig:
+    pad_to_multiple_of: int = 1
+    """Pad the vocabulary (beyond the multiple of pp it always gets) for GEMM efficiency."""
+    chunk_tokens: int = 0
+    """Process the output layer in chunks of this many tokens (0: all at once)."""
+    store_softmax: bool = True
+    """Keep the fp32 shard softmax from S to T (false: recompute the logits in T)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    global_batch_size: int = 8
+    """Sequences per optimizer step, all data-parallel ranks together."""
+    micro_batch_size: int = 1
+    """Sequences per microbatch; microbatches per pipeline m = global / (micro * dp)."""
+    seed: int = 1234
+    log_every: int = 1
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every k steps (0: only at the end when checkpoint_at_end)."""
+    checkpoint_at_end: bool = False
+    resume: str = "never"
+    """never | auto (latest checkpoint in the run directory) | a checkpoint directory."""
+    collective_timeout_s: float = 300.0
+    """A collective that takes longer than this ends the job (a dead or stuck rank)."""
+    record_passes: bool = False
+    """Record the executed pass order per rank into the run directory (tests)."""
+    dump_params: bool = False
+    """Save every stage's final parameters under run_dir/params (equivalence tests)."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw | sgd"""
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 5
+    decay: str = "cosine"
+    """cosine | constant (after warmup)"""
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    zero_stage: int = 0
+    """0 or 1 (DeepSpeed pipeline parallelism rejects ZeRO-2/3)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """synthetic | memmap"""
+    path: str | None = None
+    """memmap: a .bin token file, a directory of them, or a glob."""
+    dtype: str = "uint16"
+    """memmap token dtype: uint16 | uint32"""
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    """wandb | none"""
+    project: str = "vptrain"
+    entity: str | None = None
+    mode: str = "auto"
+    """auto (online when an API key is configured, else offline) | offline | online"""
+    group: str | None = None
+    run_name: str | None = None
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    """local: vptrain starts pp*dp worker processes itself."""
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    """0: pick a free port."""
+    threads_per_rank: int = 1
+    """torch intra-op threads per worker on CPU."""
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    profile: str = "cpu"
+    """Device profile for the cost model and MFU: cpu | a100 | h100"""
+    gpu_memory_gb: float = 80.0
+    gpus_per_node: int = 0
+    nodes: int = 1
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    cpus_per_task: int = 1
+    mem_gb: int | None = None
+    extra_sbatch: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
+    require_partition: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    precision: str = "fp32"
+    """fp32 | bf16 (softmax statistics stay fp32 either way)"""
+    experiment: str = "default"
+    """Name of the experiment preset; used for W&B grouping and run names."""
+    run_dir: str = MISSING
+    """Filled from hydra.run.dir by the CLI."""
+    overrides: list[str] = field(default_factory=list)
+    """The command-line overrides that produced this config (for run names)."""
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="vptrain_schema", node=RunConfig)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> RunConfig:
+    """Load a saved resolved config back into typed dataclasses (the workers' path)."""
+    node = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+    return OmegaConf.to_object(node)  # type: ignore[return-value]
+
+
+def load(path: str) -> RunConfig:
+    with open(path) as f:
+        return from_yaml(f.read())
+
+
+def microbatches(cfg: RunConfig) -> int:
+    """Microbatches per pipeline per optimizer step (m)."""
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * cfg.layout.dp)
+
+
+def padded_vocab_size(cfg: RunConfig) -> int:
+    """Vocabulary rows after padding to a multiple of pp (vocab methods) and pad_to_multiple_of."""
+    multiple = cfg.vocab.pad_to_multiple_of
+    if cfg.method.name in VOCAB_METHODS:
+        multiple = _lcm(multiple, cfg.layout.pp)
+    v = cfg.model.vocab_size
+    return -(-v // multiple) * multiple
+
+
+def _lcm(a: int, b: int) -> int:
+    from math import gcd
+
+    return a * b // gcd(a, b)

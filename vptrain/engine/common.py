@@ -1,0 +1,95 @@
+"""What every trainer offers the training loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from vptrain.config import RunConfig, padded_vocab_size
+from vptrain.model import GPTShape
+
+Microbatch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+
+
+class Trainer(Protocol):
+    stage: int
+    num_stages: int
+    dp_rank: int
+
+    def train_step(self, micro: list[Microbatch]) -> StepResult: ...
+
+    def current_lr(self) -> float: ...
+
+    def memory_bytes(self) -> dict[str, int]: ...
+
+    def named_parameters_global(self) -> dict[str, torch.Tensor]: ...
+
+    def take_busy_seconds(self) -> float: ...
+
+
+def gpt_shape(cfg: RunConfig) -> GPTShape:
+    m = cfg.model
+    return GPTShape(
+        vocab_size=m.vocab_size,
+        vocab_rows=padded_vocab_size(cfg),
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_heads=m.num_heads,
+        seq_len=m.max_position_embeddings or m.seq_len,
+        init_std=m.init_std,
+        seed=cfg.train.seed,
+        tie_embeddings=m.tie_embeddings,
+    )
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in optimizer.state.values():
+        total += tensor_bytes(v for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+class BusyTimer:
+    """Accumulates time spent in compute passes. On GPU it records CUDA events and sums them when
+    read, so timing adds no synchronisation to the pipeline."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.events: list[tuple] = []
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, token) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((token, end))
+        else:
+            self.seconds += time.perf_counter() - token
+
+    def take(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
+            self.events.clear()
+        out, self.seconds = self.seconds, 0.0
+        return out

@@ -1,0 +1,189 @@
+"""The plain pipeline (method=baseline / redis) on DeepSpeed's PipelineEngine.
+
+Stage 0 holds the input embedding, the last stage the final norm, output layer and loss; the
+transformer layers are split as `layout.layers_per_stage` (or the layout rules) say. Ranks are
+laid out pipeline-fastest: rank = dp_index * pp + stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+
+import torch
+import torch.distributed as dist
+
+from vptrain.config import RunConfig
+from vptrain.engine.common import (
+    BusyTimer,
+    Microbatch,
+    StepResult,
+    gpt_shape,
+    optimizer_state_bytes,
+    tensor_bytes,
+)
+from vptrain.engine.deepspeed_setup import deepspeed_config, import_deepspeed
+from vptrain.model import layer_list, lm_loss
+from vptrain.optim import build_optimizer, build_scheduler
+
+
+def stage_layer_counts(cfg: RunConfig) -> list[int]:
+    try:
+        from vptrain.layout import stage_layers
+    except ImportError:  # TEMP until the layout module lands
+        if cfg.layout.layers_per_stage:
+            return list(cfg.layout.layers_per_stage)
+        L, p = cfg.model.num_layers, cfg.layout.pp
+        return [L // p + (1 if i >= p - L % p else 0) for i in range(p)]
+    return stage_layers(cfg)
+
+
+def layer_boundaries(counts: list[int], *, leading: int, trailing: int) -> list[int]:
+    """Pipeline-module part boundaries: `leading` layers (embedding) join stage 0 and `trailing`
+    layers (final norm, output head) join the last stage."""
+    bounds = [0]
+    for i, n in enumerate(counts):
+        bounds.append(bounds[-1] + n + (leading if i == 0 else 0))
+    bounds[-1] += trailing
+    return bounds
+
+
+def make_topology(cfg: RunConfig):
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    # The last axis varies fastest: consecutive ranks are consecutive pipeline stages.
+    return ProcessTopology(axes=["data", "pipe"], dims=[cfg.layout.dp, cfg.layout.pp])
+
+
+def build_engine_classes(ds):
+    """Subclasses defined lazily so importing this module does not import deepspeed."""
+    from deepspeed.runtime.pipe import schedule
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    class StagedPipelineModule(PipelineModule):
+        """PipelineModule whose stage boundaries are given explicitly."""
+
+        def __init__(self, layers, *, parts: list[int], **kwargs):
+            self._explicit_parts = parts
+            super().__init__(layers=layers, partition_method="uniform", **kwargs)
+
+        def _partition_layers(self, method="uniform"):
+            stage_id = self._topo.get_coord(self.global_rank).pipe
+            self.parts = list(self._explicit_parts)
+            self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    class TimedPipelineEngine(PipelineEngine):
+        """DeepSpeed's 1F1B engine, timing its compute passes (per-stage busy time)."""
+
+        def __init__(self, *args, busy_timer: BusyTimer, **kwargs):
+            self.busy_timer = busy_timer
+            super().__init__(*args, **kwargs)
+
+        def _exec_forward_pass(self, buffer_id):
+            token = self.busy_timer.start()
+            try:
+                super()._exec_forward_pass(buffer_id)
+            finally:
+                self.busy_timer.stop(token)
+
+        def _exec_backward_pass(self, buffer_id):
+            token = self.busy_timer.start()
+            try:
+                super()._exec_backward_pass(buffer_id)
+            finally:
+                self.busy_timer.stop(token)
+
+        def clip_fp32_gradients(self):
+            # Same clip as DeepSpeed's, but keep the norm so it can be logged.
+            from deepspeed.runtime.utils import clip_grad_norm_
+
+            self._global_grad_norm = clip_grad_norm_(
+                parameters=self.module.parameters(), max_norm=self.gradient_clipping(), mpu=self.mpu
+            )
+
+        # The map holds function objects, so overridden handlers must be re-registered.
+        _INSTRUCTION_MAP = {
+            **PipelineEngine._INSTRUCTION_MAP,
+            schedule.ForwardPass: _exec_forward_pass,
+            schedule.BackwardPass: _exec_backward_pass,
+        }
+
+    return StagedPipelineModule, TimedPipelineEngine
+
+
+class PipelineTrainer:
+    def __init__(self, cfg: RunConfig, *, device: torch.device):
+        ds = import_deepspeed(device.type)
+        # Wraps the process group vptrain already created (no new rendezvous).
+        ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        from deepspeed.pipe import LayerSpec
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        self.cfg, self.device = cfg, device
+        module_cls, engine_cls = build_engine_classes(ds)
+        shape = gpt_shape(cfg)
+        specs = [LayerSpec(cls, *args) for cls, args in layer_list(shape, with_vocab=True)]
+        self.counts = stage_layer_counts(cfg)
+        parts = layer_boundaries(self.counts, leading=1, trailing=2)
+        torch.manual_seed(cfg.train.seed)  # layers init from their own seeds; this only fixes the rest
+        with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its topology on rank 0
+            self.module = module_cls(specs, parts=parts, topology=make_topology(cfg), loss_fn=lm_loss)
+        for p in self.module.parameters():
+            # DeepSpeed's fp32 clip norm keeps only pipe-rank-0 params unless they are tagged
+            # model-parallel; our layer params are never replicated across stages.
+            p.model_parallel = True
+        self.optimizer = build_optimizer(self.module.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.timer = BusyTimer(device)
+        ds_cfg = deepspeed_config(cfg)
+        self.engine = engine_cls(
+            args=None,
+            model=self.module,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            mpu=self.module.mpu(),
+            dist_init_required=False,
+            config=ds_cfg,
+            config_class=DeepSpeedConfig(ds_cfg, self.module.mpu()),
+            busy_timer=self.timer,
+        )
+        self.stage = self.engine.stage_id
+        self.num_stages = self.engine.num_stages
+        self.dp_rank = self.engine.grid.data_parallel_id
+
+    def train_step(self, micro: list[Microbatch]) -> StepResult:
+        loss = self.engine.train_batch(data_iter=iter(micro))
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(loss=float(loss), grad_norm=None if norm is None else float(norm))
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def memory_bytes(self) -> dict[str, int]:
+        params = list(self.module.parameters())
+        opt = self.engine.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        out = {
+            "params": tensor_bytes(params),
+            "grads": tensor_bytes(p.grad for p in params),
+            "optimizer": optimizer_state_bytes(inner),
+        }
+        if self.cfg.precision == "bf16":
+            # BF16_Optimizer keeps fp32 master weights and fp32 gradient buffers of its own.
+            out["master"] = tensor_bytes(itertools.chain.from_iterable(getattr(opt, "fp32_groups_flat_partition", [])))
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def named_parameters_global(self) -> dict[str, torch.Tensor]:
+        # Layers are registered under their global index, so names match the single-process GPT.
+        return {n: p.detach().float().cpu() for n, p in self.module.named_parameters()}
+
+    def take_busy_seconds(self) -> float:
+        return self.timer.take()
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -1,0 +1,41 @@
+"""Model FLOPs per step and device peak rates (the paper's counting, Table 4).
+
+Training FLOPs (forward + backward) per sequence of s tokens:
+transformer layer s*h*(72h + 12s), output layer 6*s*h*V, input layer 3*s*h. No causal halving,
+as the paper's artifact counts; the vocabulary layers are included.
+"""
+
+from __future__ import annotations
+
+from vptrain.config import RunConfig
+
+# Dense peak TFLOP/s per device used for MFU (bf16 tensor cores for GPUs). The CPU figure is a
+# nominal 2-core AVX2 fp32 rate; CPU MFU is only comparable between runs on the same machine.
+PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "cpu": 0.1}
+
+
+def transformer_layer_flops(cfg: RunConfig, tokens: int) -> float:
+    h, s = cfg.model.hidden_size, cfg.model.seq_len
+    return tokens * h * (72 * h + 12 * s)
+
+
+def output_layer_flops(cfg: RunConfig, tokens: int) -> float:
+    return 6.0 * tokens * cfg.model.hidden_size * cfg.model.vocab_size
+
+
+def input_layer_flops(cfg: RunConfig, tokens: int) -> float:
+    return 3.0 * tokens * cfg.model.hidden_size
+
+
+def step_flops(cfg: RunConfig) -> float:
+    """Training FLOPs of one optimizer step over the whole global batch."""
+    tokens = cfg.train.global_batch_size * cfg.model.seq_len
+    return (
+        cfg.model.num_layers * transformer_layer_flops(cfg, tokens)
+        + output_layer_flops(cfg, tokens)
+        + input_layer_flops(cfg, tokens)
+    )
+
+
+def peak_tflops(cfg: RunConfig) -> float:
+    return PEAK_TFLOPS.get(cfg.cluster.profile, PEAK_TFLOPS["cpu"])

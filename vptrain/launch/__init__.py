@@ -1,0 +1,1 @@
+"""Starting worker processes: locally (vptrain spawns them), under torchrun, or under srun."""

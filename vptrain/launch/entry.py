@@ -1,0 +1,53 @@
+"""`vptrain train`: runs in the process where Hydra composed the config."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from vptrain.config import RunConfig, to_yaml
+from vptrain.launch.env import external_launch
+from vptrain.launch.local import run_local
+from vptrain.launch.worker import CONFIG_KEY, make_store, run_worker
+
+
+def write_run_dir(cfg: RunConfig) -> str:
+    """The resolved config every rank uses; written atomically before any rank starts."""
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    path = os.path.join(cfg.run_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def train(cfg: RunConfig, flags: list[str] | None = None) -> int:
+    write_run_dir(cfg)
+    launch = external_launch()
+    if launch is not None:
+        # torchrun/srun started the ranks; this is rank 0 (cli.main routes the others elsewhere).
+        store = make_store(launch, cfg.train.collective_timeout_s)
+        store.set(CONFIG_KEY, to_yaml(cfg))
+        return run_worker(cfg, launch, store)
+    world = cfg.layout.pp * cfg.layout.dp
+    if world == 1:
+        from vptrain.launch.env import LaunchEnv
+
+        return run_worker(cfg, LaunchEnv(0, 1, 0, "127.0.0.1", 0))
+    env = {"DS_ACCELERATOR": "cpu"} if cfg.cluster.device == "cpu" else {}
+    code = run_local(
+        cfg.run_dir,
+        world_size=world,
+        pp=cfg.layout.pp,
+        master_addr=cfg.launcher.master_addr,
+        master_port=cfg.launcher.master_port,
+        threads=cfg.launcher.threads_per_rank,
+        extra_env=env,
+    )
+    if code == 0:
+        print(f"vptrain: done; run directory {cfg.run_dir}", flush=True)
+    else:
+        print(f"vptrain: training failed (exit {code}); logs in {os.path.join(cfg.run_dir, 'logs')}",
+              file=sys.stderr, flush=True)
+    return code

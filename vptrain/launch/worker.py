@@ -1,0 +1,67 @@
+"""A worker process: one rank of a run whose resolved config is already in its run directory.
+
+    python -m vptrain.launch.worker RUN_DIR      (ranks from RANK/WORLD_SIZE/... or SLURM_*)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+from vptrain.config import RunConfig, from_yaml, load
+from vptrain.launch.env import LaunchEnv, external_launch
+
+CONFIG_KEY = "vptrain/config"
+
+
+def make_store(launch: LaunchEnv, timeout_s: float):
+    """The rendezvous store; rank 0 hosts it. It also carries rank 0's config to followers."""
+    from torch.distributed import TCPStore
+
+    return TCPStore(
+        launch.master_addr,
+        launch.master_port,
+        world_size=launch.world_size,
+        is_master=launch.rank == 0,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def run_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> int:
+    from vptrain.train import TrainingError, train_worker
+
+    try:
+        train_worker(cfg, launch, store)
+        return 0
+    except TrainingError as err:
+        print(f"vptrain: rank {launch.rank}: {err}", file=sys.stderr, flush=True)
+        return 3
+    except Exception as err:  # noqa: BLE001 - report any failure with the rank, then exit non-zero
+        traceback.print_exc()
+        print(f"vptrain: rank {launch.rank} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+def run_follower(launch: LaunchEnv, timeout_s: float = 600.0) -> int:
+    """Ranks > 0 under torchrun/srun: wait for rank 0's resolved config, then train with it."""
+    store = make_store(launch, timeout_s)
+    cfg = from_yaml(store.get(CONFIG_KEY).decode())
+    return run_worker(cfg, launch, store)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m vptrain.launch.worker RUN_DIR", file=sys.stderr)
+        return 2
+    cfg = load(os.path.join(argv[0], "config.yaml"))
+    launch = external_launch() or LaunchEnv(0, 1, 0, "127.0.0.1", 0)
+    store = make_store(launch, cfg.train.collective_timeout_s) if launch.world_size > 1 else None
+    return run_worker(cfg, launch, store)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Per-step metrics gathered to one logging rank: console, metrics.jsonl, summary.json, W&B.
+
+Every rank measures its own busy time and memory; `gather_stage_stats` collects them so the
+logging rank (global rank 0) can report them per pipeline stage under stable names
+(`time/stage_<i>/busy`, `memory/stage_<i>/<kind>`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vptrain.config import RunConfig
+from vptrain.flops import peak_tflops, step_flops
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rank_stats(trainer, device: torch.device, busy_s: float) -> dict[str, Any]:
+    mem = trainer.memory_bytes()
+    if device.type == "cuda":
+        mem["peak"] = torch.cuda.max_memory_allocated(device)
+    else:
+        mem["peak_rss"] = peak_rss_bytes()
+        mem["peak"] = sum(v for k, v in mem.items() if k != "peak_rss")
+    return {
+        "stage": trainer.stage,
+        "dp": trainer.dp_rank,
+        "busy_s": busy_s,
+        "memory": mem,
+        "params": trainer.num_parameters(),
+    }
+
+
+def gather_stage_stats(local: dict[str, Any], num_stages: int) -> list[dict[str, Any]]:
+    """Per stage: the data-parallel replica with the most busy time (and memory) represents it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+    else:
+        everyone = [local]
+    per_stage: list[dict[str, Any]] = [{} for _ in range(num_stages)]
+    for s in everyone:
+        cur = per_stage[s["stage"]]
+        if not cur or s["busy_s"] > cur["busy_s"]:
+            per_stage[s["stage"]] = s
+    return per_stage
+
+
+@dataclass
+class RunMetrics:
+    cfg: RunConfig
+    is_logger: bool
+    world_size: int
+    wandb: Any = None
+    losses: list[float] = field(default_factory=list)
+    iter_times: list[float] = field(default_factory=list)
+    last_stages: list[dict[str, Any]] = field(default_factory=list)
+    peak_by_stage: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.tokens_per_step = self.cfg.train.global_batch_size * self.cfg.model.seq_len
+        self.flops_per_step = step_flops(self.cfg)
+        self.path = os.path.join(self.cfg.run_dir, "metrics.jsonl")
+
+    def record(self, step: int, *, loss: float, lr: float, grad_norm: float | None, iter_s: float,
+               stages: list[dict[str, Any]]) -> dict[str, Any]:
+        self.losses.append(loss)
+        self.iter_times.append(iter_s)
+        self.last_stages = stages
+        for s in stages:
+            best = self.peak_by_stage.setdefault(s["stage"], {})
+            for kind, value in s["memory"].items():
+                best[kind] = max(best.get(kind, 0), value)
+        tflops = self.flops_per_step / iter_s / self.world_size / 1e12
+        row: dict[str, Any] = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "iter_time_s": iter_s,
+            "tokens_per_s": self.tokens_per_step / iter_s,
+            "tflops_per_device": tflops,
+            "mfu": tflops / peak_tflops(self.cfg),
+        }
+        for s in stages:
+            i = s["stage"]
+            row[f"time/stage_{i}/busy"] = s["busy_s"]
+            for kind, value in s["memory"].items():
+                row[f"memory/stage_{i}/{kind}"] = value
+        if self.is_logger:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.wandb is not None:
+                self.wandb.log(row, step=step)
+            if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps - 1:
+                self._print(row)
+        return row
+
+    def _print(self, row: dict[str, Any]) -> None:
+        gn = "-" if row["grad_norm"] is None else f"{row['grad_norm']:.3f}"
+        print(
+            f"step {row['step'] + 1:>5}/{self.cfg.train.steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} "
+            f"| gnorm {gn} | {row['tokens_per_s']:,.0f} tok/s | {row['tflops_per_device']:.3f} TFLOP/s/dev "
+            f"| MFU {100 * row['mfu']:.2f}% | {row['iter_time_s'] * 1000:.0f} ms/it",
+            flush=True,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        # The first step includes warm-up (allocations, p2p shape exchange): leave it out when possible.
+        times = self.iter_times[1:] or self.iter_times
+        med = statistics.median(times) if times else float("nan")
+        stages = []
+        for s in self.last_stages:
+            stages.append({
+                "stage": s["stage"],
+                "params": s["params"],
+                "peak_memory_bytes": self.peak_by_stage.get(s["stage"], {}).get("peak", 0),
+                "memory_bytes": self.peak_by_stage.get(s["stage"], {}),
+                "busy_s_last_step": s["busy_s"],
+            })
+        return {
+            "run_dir": self.cfg.run_dir,
+            "experiment": self.cfg.experiment,
+            "method": self.cfg.method.name,
+            "schedule": self.cfg.schedule.name,
+            "pp": self.cfg.layout.pp,
+            "dp": self.cfg.layout.dp,
+            "vocab_size": self.cfg.model.vocab_size,
+            "precision": self.cfg.precision,
+            "steps": len(self.losses),
+            "losses": self.losses,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "median_iter_time_s": med,
+            "tokens_per_s": self.tokens_per_step / med if self.losses else None,
+            "tflops_per_device": self.flops_per_step / med / self.world_size / 1e12 if self.losses else None,
+            "mfu": (self.flops_per_step / med / self.world_size / 1e12) / peak_tflops(self.cfg)
+            if self.losses else None,
+            "stages": stages,
+        }
+
+    def print_stage_table(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="Per-stage summary (last step busy time, peak memory over the run)")
+        for col in ("stage", "params", "busy ms", "params MiB", "grads MiB", "optim MiB", "peak MiB", "RSS MiB"):
+            table.add_column(col, justify="right")
+        for s in self.last_stages:
+            mem = self.peak_by_stage.get(s["stage"], {})
+            mib = lambda k: f"{mem.get(k, 0) / 2**20:.1f}"  # noqa: E731
+            table.add_row(str(s["stage"]), f"{s['params']:,}", f"{1000 * s['busy_s']:.1f}", mib("params"),
+                          mib("grads"), mib("optimizer"), mib("peak"),
+                          mib("peak_rss") if "peak_rss" in mem else "-")
+        Console(file=sys.stdout).print(table)

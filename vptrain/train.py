@@ -1,0 +1,125 @@
+"""The training loop run by every rank."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from vptrain.config import RunConfig, to_dict
+from vptrain.data import StepData
+from vptrain.launch.env import LaunchEnv
+from vptrain.metrics import RunMetrics, gather_stage_stats, rank_stats
+
+
+class TrainingError(RuntimeError):
+    """A fault that ends the run with a clear message (non-finite loss, ...)."""
+
+
+def resolve_device(cfg: RunConfig, local_rank: int) -> torch.device:
+    want = cfg.cluster.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_process_group(cfg: RunConfig, launch: LaunchEnv, device: torch.device, store) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend=backend,
+        store=store,
+        rank=launch.rank,
+        world_size=launch.world_size,
+        timeout=timedelta(seconds=cfg.train.collective_timeout_s),
+    )
+
+
+def build_trainer(cfg: RunConfig, device: torch.device, rank: int):
+    if cfg.layout.pp == 1:
+        from vptrain.engine.single import SingleProcessTrainer
+
+        return SingleProcessTrainer(cfg, device=device, dp_rank=rank)
+    if cfg.method.name in ("baseline", "redis"):
+        from vptrain.engine.pipeline import PipelineTrainer
+
+        return PipelineTrainer(cfg, device=device)
+    from vptrain.engine.vocab_trainer import VocabTrainer
+
+    return VocabTrainer(cfg, device=device)
+
+
+def train_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> dict | None:
+    """Run the whole training job on this rank; returns the summary on the logging rank."""
+    device = resolve_device(cfg, launch.local_rank)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.launcher.threads_per_rank)
+    if launch.world_size > 1 or cfg.layout.pp > 1:
+        init_process_group(cfg, launch, device, store)
+    is_logger = launch.rank == 0
+    try:
+        return _train(cfg, launch, device, is_logger)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: bool) -> dict | None:
+    trainer = build_trainer(cfg, device, launch.rank)
+    data = StepData(cfg)
+    wandb = None
+    if is_logger and cfg.logger.name == "wandb":
+        from vptrain.wandb_logger import WandbLogger
+
+        wandb = WandbLogger(cfg, config=to_dict(cfg))
+    metrics = RunMetrics(cfg, is_logger=is_logger, world_size=launch.world_size, wandb=wandb)
+    if is_logger:
+        print(f"vptrain: {cfg.method.name} on {cfg.schedule.name}, pp={cfg.layout.pp} dp={cfg.layout.dp}, "
+              f"{cfg.train.steps} steps, run dir {cfg.run_dir}", flush=True)
+    exit_code = 1
+    try:
+        for step in range(cfg.train.steps):
+            micro = data.microbatches(step, trainer.dp_rank)
+            start = time.perf_counter()
+            result = trainer.train_step(micro)
+            iter_s = time.perf_counter() - start
+            if not math.isfinite(result.loss):
+                raise TrainingError(f"step {step + 1}: loss is {result.loss}; stopping (no step taken after it)")
+            stages = gather_stage_stats(rank_stats(trainer, device, trainer.take_busy_seconds()), trainer.num_stages)
+            metrics.record(step, loss=result.loss, lr=trainer.current_lr(), grad_norm=result.grad_norm,
+                           iter_s=iter_s, stages=stages)
+        if cfg.train.dump_params:
+            _dump_params(cfg, trainer)
+        summary = metrics.summary() if is_logger else None
+        if is_logger:
+            _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
+            metrics.print_stage_table()
+            if wandb is not None:
+                wandb.summary({k: v for k, v in summary.items() if not isinstance(v, list)})
+        exit_code = 0
+        return summary
+    finally:
+        if wandb is not None:
+            wandb.finish(exit_code=exit_code)
+
+
+def _dump_params(cfg: RunConfig, trainer) -> None:
+    """Each stage of data-parallel replica 0 saves its parameters under the single-process names
+    (used by the equivalence tests)."""
+    if trainer.dp_rank != 0:
+        return
+    out = os.path.join(cfg.run_dir, "params")
+    os.makedirs(out, exist_ok=True)
+    torch.save(trainer.named_parameters_global(), os.path.join(out, f"stage{trainer.stage}.pt"))
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

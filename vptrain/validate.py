@@ -1,0 +1,201 @@
+"""Cross-field configuration rules, checked once before any process starts.
+
+Every rule raises `ValueError` naming the key and what to change. Single-field type errors are
+already caught by Hydra/OmegaConf when the config is composed against the schema.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from vptrain.config import METHODS, PRECISIONS, SCHEDULES, VOCAB_METHODS, RunConfig
+
+# Which methods each schedule can run (the paper's comparison set).
+SCHEDULE_METHODS = {
+    "1f1b": METHODS,
+    "vhalf": ("baseline", "vocab-1", "vocab-2"),
+}
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ValueError(f"{key}: {msg}")
+
+
+def validate(cfg: RunConfig, *, world_size: int | None = None) -> None:
+    """Check every cross-field rule; `world_size` is the launcher's world when ranks were started
+    externally (torchrun, srun), None when vptrain starts them itself."""
+    m, lay, t = cfg.model, cfg.layout, cfg.train
+    _positive(cfg)
+    if cfg.method.name not in METHODS:
+        _fail("method", f"unknown method '{cfg.method.name}'; choose one of {', '.join(METHODS)}")
+    if cfg.schedule.name not in SCHEDULES:
+        _fail("schedule", f"unknown schedule '{cfg.schedule.name}'; choose one of {', '.join(SCHEDULES)}")
+    if cfg.method.name not in SCHEDULE_METHODS[cfg.schedule.name]:
+        _fail(
+            "method",
+            f"method={cfg.method.name} does not run on schedule={cfg.schedule.name}; "
+            f"with vhalf use one of {', '.join(SCHEDULE_METHODS['vhalf'])}",
+        )
+    if cfg.precision not in PRECISIONS:
+        _fail("precision", f"'{cfg.precision}' is not supported; use fp32 or bf16")
+    if m.hidden_size % m.num_heads:
+        _fail("model.num_heads", f"{m.num_heads} heads must divide model.hidden_size={m.hidden_size}")
+    pos = m.max_position_embeddings
+    if pos is not None and pos < m.seq_len:
+        _fail("model.max_position_embeddings", f"{pos} < model.seq_len={m.seq_len}; raise it or leave it null")
+    chunks = 2 if cfg.schedule.name == "vhalf" else 1
+    if m.num_layers < lay.pp * chunks:
+        what = "2 * layout.pp (two chunks per rank in V-Half)" if chunks == 2 else "layout.pp"
+        _fail("model.num_layers", f"{m.num_layers} layers cannot fill {what} = {lay.pp * chunks} stages")
+    if m.vocab_size < lay.pp:
+        _fail("model.vocab_size", f"{m.vocab_size} < layout.pp={lay.pp}; every stage needs vocabulary rows")
+    if lay.pp == 1 and cfg.method.name != "baseline":
+        _fail("method", f"method={cfg.method.name} needs layout.pp >= 2; layout.pp=1 is the plain reference")
+    if m.tie_embeddings and cfg.method.name in ("baseline", "redis") and lay.pp > 1:
+        _fail(
+            "model.tie_embeddings",
+            "tied embeddings on a pipeline need the vocabulary sharded on every stage: "
+            "use a vocab method (vocab-1, vocab-2, ...) or layout.pp=1",
+        )
+    _check_layers_per_stage(cfg)
+    _check_batch(cfg)
+    if cfg.optim.name not in ("adamw", "sgd"):
+        _fail("optim.name", f"'{cfg.optim.name}' is not supported; use adamw or sgd")
+    if cfg.optim.zero_stage not in (0, 1):
+        _fail("optim.zero_stage", f"{cfg.optim.zero_stage}: pipeline parallelism supports ZeRO stage 0 or 1")
+    if cfg.optim.decay not in ("cosine", "constant"):
+        _fail("optim.decay", f"'{cfg.optim.decay}': use cosine or constant")
+    if t.resume not in ("never", "auto") and not os.path.isdir(t.resume):
+        _fail("train.resume", f"'{t.resume}' is neither never, auto, nor an existing checkpoint directory")
+    _check_data(cfg)
+    _check_logger_and_device(cfg)
+    expected = lay.pp * lay.dp
+    if world_size is not None and world_size != expected:
+        _fail(
+            "layout",
+            f"the launcher started {world_size} ranks but layout.pp * layout.dp = {expected}; "
+            "make them equal",
+        )
+
+
+def _positive(cfg: RunConfig) -> None:
+    checks = {
+        "model.vocab_size": cfg.model.vocab_size,
+        "model.num_layers": cfg.model.num_layers,
+        "model.hidden_size": cfg.model.hidden_size,
+        "model.num_heads": cfg.model.num_heads,
+        "model.seq_len": cfg.model.seq_len,
+        "layout.pp": cfg.layout.pp,
+        "layout.dp": cfg.layout.dp,
+        "train.steps": cfg.train.steps,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.log_every": cfg.train.log_every,
+        "vocab.pad_to_multiple_of": cfg.vocab.pad_to_multiple_of,
+        "launcher.threads_per_rank": cfg.launcher.threads_per_rank,
+    }
+    for key, value in checks.items():
+        if value < 1:
+            _fail(key, f"must be >= 1, got {value}")
+    for key, value in {
+        "optim.lr": cfg.optim.lr,
+        "train.collective_timeout_s": cfg.train.collective_timeout_s,
+    }.items():
+        if value <= 0:
+            _fail(key, f"must be > 0, got {value}")
+    for key, value in {
+        "train.grad_clip": cfg.train.grad_clip,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "vocab.chunk_tokens": cfg.vocab.chunk_tokens,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.min_lr": cfg.optim.min_lr,
+    }.items():
+        if value < 0:
+            _fail(key, f"must be >= 0, got {value}")
+
+
+def _check_layers_per_stage(cfg: RunConfig) -> None:
+    lps = cfg.layout.layers_per_stage
+    if lps is None:
+        return
+    if len(lps) != cfg.layout.pp:
+        _fail("layout.layers_per_stage", f"has {len(lps)} entries but layout.pp={cfg.layout.pp}; give one per stage")
+    if sum(lps) != cfg.model.num_layers:
+        _fail(
+            "layout.layers_per_stage",
+            f"sums to {sum(lps)} but model.num_layers={cfg.model.num_layers}; the counts must add up",
+        )
+    if cfg.schedule.name == "vhalf":
+        _fail("layout.layers_per_stage", "V-Half splits layers evenly over 2 * pp chunks; leave it null")
+    # The first and last stage also hold the embedding / output layer under baseline and redis,
+    # so they may hold zero transformer layers; every other stage needs at least one.
+    holds_vocab = cfg.method.name in ("baseline", "redis")
+    for i, n in enumerate(lps):
+        edge = i in (0, cfg.layout.pp - 1) and holds_vocab
+        if n < 0 or (n == 0 and not edge):
+            _fail("layout.layers_per_stage", f"stage {i} gets {n} layers; each stage needs at least one")
+
+
+def _check_batch(cfg: RunConfig) -> None:
+    t, dp = cfg.train, cfg.layout.dp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        _fail(
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not divisible by train.micro_batch_size * layout.dp = "
+            f"{t.micro_batch_size * dp}; microbatches per pipeline must be a whole number",
+        )
+    m = t.global_batch_size // (t.micro_batch_size * dp)
+    p = cfg.layout.pp
+    if cfg.schedule.name == "vhalf" and m < 2 * p:
+        _fail(
+            "train.global_batch_size",
+            f"V-Half needs at least 2 * layout.pp = {2 * p} microbatches per pipeline, got {m}; "
+            f"raise it to {2 * p * t.micro_batch_size * dp}",
+        )
+
+
+def _check_data(cfg: RunConfig) -> None:
+    d = cfg.data
+    if d.name not in ("synthetic", "memmap"):
+        _fail("data", f"unknown data '{d.name}'; use synthetic or memmap")
+    if d.name != "memmap":
+        return
+    if d.dtype not in ("uint16", "uint32"):
+        _fail("data.dtype", f"'{d.dtype}': memmap token files are uint16 or uint32")
+    if d.dtype == "uint16" and cfg.model.vocab_size > 65536:
+        _fail("data.dtype", f"uint16 tokens cannot address model.vocab_size={cfg.model.vocab_size}; use uint32")
+    if not d.path:
+        _fail("data.path", "data=memmap needs data.path (a .bin file, a directory of them, or a glob)")
+    files = resolve_data_files(d.path)
+    if not files:
+        _fail("data.path", f"no .bin token files found at '{d.path}'")
+    itemsize = 2 if d.dtype == "uint16" else 4
+    tokens = sum(os.path.getsize(f) // itemsize for f in files)
+    if tokens < cfg.model.seq_len + 1:
+        _fail("data.path", f"holds {tokens} tokens, fewer than model.seq_len + 1 = {cfg.model.seq_len + 1}")
+
+
+def resolve_data_files(path: str) -> list[str]:
+    """A .bin file, a directory of .bin files, or a glob, in sorted order."""
+    if os.path.isdir(path):
+        return sorted(glob.glob(os.path.join(path, "*.bin")))
+    if any(c in path for c in "*?["):
+        return sorted(glob.glob(path))
+    return [path] if os.path.isfile(path) else []
+
+
+def _check_logger_and_device(cfg: RunConfig) -> None:
+    if cfg.logger.name not in ("wandb", "none"):
+        _fail("logger", f"unknown logger '{cfg.logger.name}'; use wandb or none")
+    if cfg.logger.mode not in ("auto", "offline", "online"):
+        _fail("logger.mode", f"'{cfg.logger.mode}': use auto, offline or online")
+    if cfg.cluster.device not in ("auto", "cpu", "cuda"):
+        _fail("cluster.device", f"'{cfg.cluster.device}': use auto, cpu or cuda")
+    if cfg.cluster.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("cluster.device", "cuda requested but no GPU is visible; use cluster.device=cpu")
+    if cfg.method.name in VOCAB_METHODS and cfg.layout.pp < 2:
+        _fail("layout.pp", "vocabulary parallelism shards over pipeline stages; use layout.pp >= 2")
