@@ -69,7 +69,7 @@ class VocabConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 40
+    steps: int = 60
     global_batch_size: int = 8
     """Sequences per optimizer step, all data-parallel ranks together."""
     micro_batch_size: int = 1
@@ -95,8 +95,8 @@ class TrainConfig:
 class OptimConfig:
     name: str = "adamw"
     """adamw | sgd"""
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    lr: float = 1e-2
+    min_lr: float = 1e-3
     warmup_steps: int = 5
     decay: str = "cosine"
     """cosine | constant (after warmup)"""

@@ -159,8 +159,8 @@ class RunMetrics:
             table.add_column(col, justify="right")
         for s in self.last_stages:
             mem = self.peak_by_stage.get(s["stage"], {})
-            mib = lambda k: f"{mem.get(k, 0) / 2**20:.1f}"  # noqa: E731
-            table.add_row(str(s["stage"]), f"{s['params']:,}", f"{1000 * s['busy_s']:.1f}", mib("params"),
-                          mib("grads"), mib("optimizer"), mib("peak"),
-                          mib("peak_rss") if "peak_rss" in mem else "-")
+            mib = {k: f"{v / 2**20:.1f}" for k, v in mem.items()}
+            table.add_row(str(s["stage"]), f"{s['params']:,}", f"{1000 * s['busy_s']:.1f}", mib.get("params", "-"),
+                          mib.get("grads", "-"), mib.get("optimizer", "-"), mib.get("peak", "-"),
+                          mib.get("peak_rss", "-"))
         Console(file=sys.stdout).print(table)

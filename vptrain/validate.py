@@ -192,10 +192,15 @@ def _check_logger_and_device(cfg: RunConfig) -> None:
         _fail("logger.mode", f"'{cfg.logger.mode}': use auto, offline or online")
     if cfg.cluster.device not in ("auto", "cpu", "cuda"):
         _fail("cluster.device", f"'{cfg.cluster.device}': use auto, cpu or cuda")
-    if cfg.cluster.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            _fail("cluster.device", "cuda requested but no GPU is visible; use cluster.device=cpu")
     if cfg.method.name in VOCAB_METHODS and cfg.layout.pp < 2:
         _fail("layout.pp", "vocabulary parallelism shards over pipeline stages; use layout.pp >= 2")
+
+
+def validate_for_this_machine(cfg: RunConfig) -> None:
+    """Rules that depend on where `train` runs (not checked by `plan`, which needs no GPU)."""
+    if cfg.cluster.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail("cluster.device", "cuda requested but no GPU is visible; use cluster.device=cpu or cluster=local")

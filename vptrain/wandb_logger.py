@@ -38,7 +38,7 @@ def run_id(cfg: RunConfig) -> str:
 def run_name(cfg: RunConfig) -> str:
     if cfg.logger.run_name:
         return cfg.logger.run_name
-    relevant = [o for o in cfg.overrides if not o.startswith(("hydra.", "logger.", "experiment="))]
+    relevant = [o for o in cfg.overrides if not o.startswith(("hydra.", "logger", "experiment="))]
     return ",".join(relevant) or cfg.experiment
 
 

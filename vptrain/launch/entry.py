@@ -9,6 +9,7 @@ from vptrain.config import RunConfig, to_yaml
 from vptrain.launch.env import external_launch
 from vptrain.launch.local import run_local
 from vptrain.launch.worker import CONFIG_KEY, make_store, run_worker
+from vptrain.validate import validate_for_this_machine
 
 
 def write_run_dir(cfg: RunConfig) -> str:
@@ -23,6 +24,7 @@ def write_run_dir(cfg: RunConfig) -> str:
 
 
 def train(cfg: RunConfig, flags: list[str] | None = None) -> int:
+    validate_for_this_machine(cfg)
     write_run_dir(cfg)
     launch = external_launch()
     if launch is not None:

@@ -1,0 +1,56 @@
+"""Shared test helpers: run the real `vptrain` CLI in a subprocess and read what a run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/wandb_reader.py
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                "SLURM_STEP_ID", "WANDB_API_KEY"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300,
+            check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vptrain.cli", *args],
+        cwd=cwd or REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vptrain {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_run(run_dir: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300) -> dict:
+    """Train with the given overrides into run_dir; return summary.json."""
+    run_cli("train", f"hydra.run.dir={run_dir}", *overrides, env=env, timeout=timeout, check=True)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def load_params(run_dir: Path) -> dict:
+    import torch
+
+    params: dict = {}
+    for f in sorted((run_dir / "params").glob("*.pt")):
+        params.update(torch.load(f))
+    return params
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
