@@ -80,7 +80,10 @@ class TrainConfig:
     """Global gradient-norm clip (0 disables)."""
     checkpoint_every: int = 0
     """Save a checkpoint every k steps (0: only at the end when checkpoint_at_end)."""
-    checkpoint_at_end: bool = False
+    checkpoint_at_end: bool = True
+    stop_at_step: int = 0
+    """Stop (with a checkpoint) once this many steps are done, keeping the schedule of train.steps
+    (0: run to train.steps). For time-sliced jobs and resume tests."""
     resume: str = "never"
     """never | auto (latest checkpoint in the run directory) | a checkpoint directory."""
     collective_timeout_s: float = 300.0

@@ -74,6 +74,10 @@ class RunMetrics:
         self.flops_per_step = step_flops(self.cfg)
         self.path = os.path.join(self.cfg.run_dir, "metrics.jsonl")
 
+    def restore(self, losses: list[float]) -> None:
+        """Continue the per-step loss record of a resumed run."""
+        self.losses = list(losses)
+
     def record(self, step: int, *, loss: float, lr: float, grad_norm: float | None, iter_s: float,
                stages: list[dict[str, Any]]) -> dict[str, Any]:
         self.losses.append(loss)

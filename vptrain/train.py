@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from vptrain import checkpoint
 from vptrain.config import RunConfig, to_dict
 from vptrain.data import StepData
 from vptrain.launch.env import LaunchEnv
@@ -81,9 +82,18 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
     if is_logger:
         print(f"vptrain: {cfg.method.name} on {cfg.schedule.name}, pp={cfg.layout.pp} dp={cfg.layout.dp}, "
               f"{cfg.train.steps} steps, run dir {cfg.run_dir}", flush=True)
+    start_step = 0
+    resume_from = checkpoint.resolve_resume(cfg)
+    if resume_from is not None:
+        meta = checkpoint.load(cfg, trainer, resume_from)
+        start_step = meta["step"]
+        metrics.restore(meta["losses"])
+        if is_logger:
+            print(f"vptrain: resumed from {resume_from} at step {start_step}", flush=True)
+    every = cfg.train.checkpoint_every
     exit_code = 1
     try:
-        for step in range(cfg.train.steps):
+        for step in range(start_step, cfg.train.steps):
             micro = data.microbatches(step, trainer.dp_rank)
             start = time.perf_counter()
             result = trainer.train_step(micro)
@@ -93,6 +103,16 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
             stages = gather_stage_stats(rank_stats(trainer, device, trainer.take_busy_seconds()), trainer.num_stages)
             metrics.record(step, loss=result.loss, lr=trainer.current_lr(), grad_norm=result.grad_norm,
                            iter_s=iter_s, stages=stages)
+            done = step + 1
+            stopping = done == cfg.train.stop_at_step
+            final = done == cfg.train.steps and cfg.train.checkpoint_at_end
+            if (every and done % every == 0) or final or stopping:
+                checkpoint.save(cfg, trainer, step=done, losses=metrics.losses)
+            if stopping:
+                if is_logger:
+                    print(f"vptrain: stopping at step {done} (train.stop_at_step); resume with train.resume=auto",
+                          flush=True)
+                break
         if cfg.train.dump_params:
             _dump_params(cfg, trainer)
         summary = metrics.summary() if is_logger else None

@@ -107,6 +107,7 @@ def _positive(cfg: RunConfig) -> None:
     for key, value in {
         "train.grad_clip": cfg.train.grad_clip,
         "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.stop_at_step": cfg.train.stop_at_step,
         "vocab.chunk_tokens": cfg.vocab.chunk_tokens,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.min_lr": cfg.optim.min_lr,

@@ -182,6 +182,32 @@ class PipelineTrainer:
         # Layers are registered under their global index, so names match the single-process GPT.
         return {n: p.detach().float().cpu() for n, p in self.module.named_parameters()}
 
+    def checkpoint_state(self) -> dict:
+        # Our own format: DeepSpeed's save_checkpoint skips modules outside the layer list
+        # (vocabulary shards), and every rank's state is one file here.
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.engine.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "global_steps": self.engine.global_steps,
+            "global_samples": self.engine.global_samples,
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        opt = self.engine.optimizer
+        if isinstance(opt, torch.optim.Optimizer):
+            opt.load_state_dict(state["optimizer"])
+        else:
+            # BF16_Optimizer / ZeRO take one state per data-parallel rank and restore the fp32
+            # master weights from it.
+            dp = self.cfg.layout.dp
+            per_rank = [state["optimizer"]] * dp
+            opt.load_state_dict(per_rank, load_from_fp32_weights=True)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.engine.global_steps = state["global_steps"]
+        self.engine.global_samples = state["global_samples"]
+
     def take_busy_seconds(self) -> float:
         return self.timer.take()
 

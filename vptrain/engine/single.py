@@ -82,5 +82,17 @@ class SingleProcessTrainer:
     def named_parameters_global(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu() for n, p in self.model.named_parameters()}
 
+    def checkpoint_state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
     def take_busy_seconds(self) -> float:
         return self.timer.take()
