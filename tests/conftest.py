@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,33 @@ def load_params(run_dir: Path) -> dict:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    nodes: int
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> SlurmCluster:
+    """A Slurm cluster to submit to. As root the session starts the one-machine dev cluster itself
+    (slurm/dev-cluster/up.sh, two fake nodes; it installs the packages when missing), so `make test`
+    works on a fresh machine; otherwise it uses whatever cluster answers, or skips with the reason."""
+    is_root = os.geteuid() == 0
+    if shutil.which("sbatch") is None and not is_root:
+        pytest.skip("Slurm tests need `sbatch`, or root to install and start the dev cluster "
+                    "(sudo slurm/dev-cluster/up.sh)")
+    if is_root:
+        env = dict(os.environ, SLURM_FAKE_NODES="2")
+        up = subprocess.run(["bash", str(REPO / "slurm" / "dev-cluster" / "up.sh")], env=env, capture_output=True,
+                            text=True, timeout=600)
+        if up.returncode != 0:
+            pytest.fail(f"slurm/dev-cluster/up.sh failed ({up.returncode}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
+    try:
+        sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"sinfo failed ({err}); start the dev cluster with slurm/dev-cluster/up.sh")
+    nodes = len(set(sinfo.stdout.split())) if sinfo.returncode == 0 else 0
+    if not nodes:
+        pytest.skip("sbatch is installed but no Slurm controller answers; start slurm/dev-cluster/up.sh as root")
+    return SlurmCluster(nodes=nodes)

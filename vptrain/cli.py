@@ -83,8 +83,12 @@ def _run_hydra(command: str, rest: list[str]) -> int:
         state["started"] = True
         try:
             cfg = materialize(dcfg)
+            if command == "train" and os.environ.get("SUBMITIT_EXECUTOR"):
+                return _run_submitit_task(cfg)
             code = _handler(command)(cfg, flags=extra_flags) or 0
         except ValueError as err:
+            if os.environ.get("SUBMITIT_EXECUTOR"):
+                raise  # inside a submitit job: submitit hands the error to the waiting launcher
             print(f"vptrain {command}: config error: {err}", file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
         state["code"] = max(state["code"], int(code))
@@ -102,10 +106,32 @@ def _run_hydra(command: str, rest: list[str]) -> int:
     return state["code"]
 
 
+def _run_submitit_task(cfg) -> int:
+    """Hydra's submitit launcher (launcher=submitit_slurm) runs the task function in every task of a
+    Slurm job: once per rank. Rank 0 trains with the composed config and serves it to the others, as
+    under torchrun. A failure raises, so the launching process, which waits for the jobs, reports it."""
+    from vptrain.launch.entry import train
+    from vptrain.launch.env import export, external_launch
+    from vptrain.launch.submit import for_slurm
+    from vptrain.launch.worker import run_follower
+
+    launch = external_launch()
+    if launch is None:
+        raise RuntimeError("launcher=submitit_slurm: this task is not inside an srun step")
+    export(launch)  # DeepSpeed reads RANK/LOCAL_RANK/WORLD_SIZE from the environment
+    # for_slurm: train.resume=auto, so a requeued job continues from its checkpoint.
+    code = train(for_slurm(cfg)) if launch.rank == 0 else run_follower(launch)
+    if code:
+        raise RuntimeError(f"rank {launch.rank} of Slurm job {os.environ.get('SLURM_JOB_ID')} exited with {code}; "
+                           f"logs under {os.path.dirname(cfg.run_dir)}/.submitit")
+    return 0
+
+
 def materialize(dcfg) -> object:
     """DictConfig from Hydra -> typed RunConfig with the run directory, experiment name and
     overrides filled in, validated."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
     from vptrain.launch.env import external_launch
@@ -117,6 +143,9 @@ def materialize(dcfg) -> object:
         choice = hc.runtime.choices.get("experiment")
         dcfg.experiment = choice if choice and choice != "null" else "default"
         dcfg.overrides = list(hc.overrides.task)
+        if hc.mode == RunMode.MULTIRUN and not dcfg.logger.get("group"):
+            # One W&B group per sweep: the experiment plus the sweep directory's name.
+            dcfg.logger.group = f"{dcfg.experiment}-{os.path.basename(os.path.abspath(hc.sweep.dir))}"
     cfg = OmegaConf.to_object(dcfg)
     launch = external_launch()
     validate(cfg, world_size=launch.world_size if launch else None)

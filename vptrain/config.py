@@ -47,7 +47,7 @@ class LayoutConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "baseline"
+    name: str = "vocab-2"
     """baseline | redis | interlaced | vocab-naive | vocab-1 | vocab-2"""
 
 
@@ -138,7 +138,8 @@ class LoggerConfig:
 @dataclass
 class LauncherConfig:
     name: str = "local"
-    """local: vptrain starts pp*dp worker processes itself."""
+    """local: vptrain starts pp*dp worker processes itself. submitit_slurm: Hydra's submitit launcher
+    submits each multirun point as a Slurm job whose tasks are the ranks (conf/launcher/submitit_slurm.yaml)."""
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     """0: pick a free port."""
@@ -163,8 +164,20 @@ class ClusterConfig:
     cpus_per_task: int = 1
     mem_gb: int | None = None
     extra_sbatch: list[str] = field(default_factory=list)
+    """More sbatch options, e.g. ["--exclusive", "--constraint=h100"]."""
     setup: list[str] = field(default_factory=list)
+    """Shell lines the batch script runs before starting the ranks (module load, conda activate, ...)."""
     require_partition: bool = False
+    """Refuse to submit without cluster.partition (for sites with no default partition)."""
+    job_name: str = "vptrain"
+    python: str | None = None
+    """Interpreter on the compute nodes (default: the one running `vptrain submit`)."""
+    signal: str = "USR2"
+    """Sent to every rank signal_delay_s before the time limit: all ranks checkpoint, the job requeues.
+    USR1 is best avoided (NCCL may use it)."""
+    signal_delay_s: int = 120
+    max_restarts: int = 3
+    """How many times a job requeues itself after such a stop (counted by SLURM_RESTART_COUNT)."""
 
 
 @dataclass
@@ -195,6 +208,9 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="vptrain_schema", node=RunConfig)
+    from vptrain.launch.sbatch import register_resolvers
+
+    register_resolvers()  # conf/launcher/submitit_slurm.yaml sizes its Slurm jobs with them
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from vptrain.config import RunConfig, to_dict
 from vptrain.data import StepData
 from vptrain.launch.env import LaunchEnv
 from vptrain.metrics import RunMetrics, gather_stage_stats, rank_stats
+from vptrain.preempt import Preemption
 
 
 class TrainingError(RuntimeError):
@@ -46,7 +47,7 @@ def build_trainer(cfg: RunConfig, device: torch.device, rank: int):
         from vptrain.engine.single import SingleProcessTrainer
 
         return SingleProcessTrainer(cfg, device=device, dp_rank=rank)
-    if cfg.method.name in ("baseline", "redis"):
+    if cfg.method.name in ("baseline", "redis") and cfg.schedule.name == "1f1b":
         from vptrain.engine.pipeline import PipelineTrainer
 
         return PipelineTrainer(cfg, device=device)
@@ -75,9 +76,9 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
     data = StepData(cfg)
     wandb = None
     if is_logger and cfg.logger.name == "wandb":
-        from vptrain.wandb_logger import WandbLogger
+        from vptrain.wandb_logger import WandbLogger, run_config
 
-        wandb = WandbLogger(cfg, config=to_dict(cfg))
+        wandb = WandbLogger(cfg, config=run_config(cfg, to_dict(cfg)))
     metrics = RunMetrics(cfg, is_logger=is_logger, world_size=launch.world_size, wandb=wandb)
     if is_logger:
         print(f"vptrain: {cfg.method.name} on {cfg.schedule.name}, pp={cfg.layout.pp} dp={cfg.layout.dp}, "
@@ -91,6 +92,7 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
         if is_logger:
             print(f"vptrain: resumed from {resume_from} at step {start_step}", flush=True)
     every = cfg.train.checkpoint_every
+    preempt = Preemption.install(cfg.cluster.signal)  # Slurm's pre-timeout / preemption signals
     exit_code = 1
     try:
         for step in range(start_step, cfg.train.steps):
@@ -104,10 +106,16 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
             metrics.record(step, loss=result.loss, lr=trainer.current_lr(), grad_norm=result.grad_norm,
                            iter_s=iter_s, stages=stages)
             done = step + 1
-            stopping = done == cfg.train.stop_at_step
+            preempted = preempt.agreed(device) and done < cfg.train.steps  # collective: same answer everywhere
+            stopping = done == cfg.train.stop_at_step or preempted
             final = done == cfg.train.steps and cfg.train.checkpoint_at_end
             if (every and done % every == 0) or final or stopping:
                 checkpoint.save(cfg, trainer, step=done, losses=metrics.losses)
+            if preempted:
+                if wandb is not None:
+                    wandb.mark_preempting()
+                preempt.record(cfg.run_dir, step=done, total_steps=cfg.train.steps, is_logger=is_logger)
+                break
             if stopping:
                 if is_logger:
                     print(f"vptrain: stopping at step {done} (train.stop_at_step); resume with train.resume=auto",
@@ -126,6 +134,7 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
     finally:
         if wandb is not None:
             wandb.finish(exit_code=exit_code)
+        preempt.close()  # last: under submitit this requeues the job, which ends this process
 
 
 def _dump_params(cfg: RunConfig, trainer) -> None:

@@ -16,7 +16,7 @@ from conftest import REPO, cli_env, load_params, train_run
 
 pytestmark = pytest.mark.distributed
 
-COMMON = ("train.steps=3", "logger=none", "train.dump_params=true", "train.global_batch_size=8")
+COMMON = ("method=baseline", "train.steps=3", "logger=none", "train.dump_params=true", "train.global_batch_size=8")
 SGD = ("optim=sgd", "optim.lr=0.5")  # linear in the gradients: a strict comparison of the updates
 
 

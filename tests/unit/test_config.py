@@ -88,7 +88,7 @@ BAD_CONFIGS = [
     (["method=vocab-2", "layout.pp=1"], "method"),
     (["schedule=vhalf", "method=redis"], "method"),
     (["schedule=vhalf", "train.global_batch_size=2"], "train.global_batch_size"),
-    (["model.tie_embeddings=true"], "model.tie_embeddings"),
+    (["model.tie_embeddings=true", "method=baseline"], "model.tie_embeddings"),
     (["layout.ppp=2"], "ppp"),  # unknown key: caught by the schema at composition
     (["layout.pp=two"], "layout.pp"),  # wrong type
     (["optim.lr=-1"], "optim.lr"),

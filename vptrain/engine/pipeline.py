@@ -29,13 +29,9 @@ from vptrain.optim import build_optimizer, build_scheduler
 
 
 def stage_layer_counts(cfg: RunConfig) -> list[int]:
-    try:
-        from vptrain.layout import stage_layers
-    except ImportError:  # TEMP until the layout module lands
-        if cfg.layout.layers_per_stage:
-            return list(cfg.layout.layers_per_stage)
-        L, p = cfg.model.num_layers, cfg.layout.pp
-        return [L // p + (1 if i >= p - L % p else 0) for i in range(p)]
+    """Transformer layers per pipeline stage (2p stages on V-Half), as `vptrain plan` shows them."""
+    from vptrain.layout import stage_layers
+
     return stage_layers(cfg)
 
 
@@ -180,7 +176,7 @@ class PipelineTrainer:
 
     def named_parameters_global(self) -> dict[str, torch.Tensor]:
         # Layers are registered under their global index, so names match the single-process GPT.
-        return {n: p.detach().float().cpu() for n, p in self.module.named_parameters()}
+        return {n: p.detach().float().cpu().clone() for n, p in self.module.named_parameters()}
 
     def checkpoint_state(self) -> dict:
         # Our own format: DeepSpeed's save_checkpoint skips modules outside the layer list

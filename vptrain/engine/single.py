@@ -80,7 +80,7 @@ class SingleProcessTrainer:
         return sum(p.numel() for p in self.model.parameters())
 
     def named_parameters_global(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().float().cpu() for n, p in self.model.named_parameters()}
+        return {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters()}
 
     def checkpoint_state(self) -> dict:
         return {

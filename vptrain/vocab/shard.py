@@ -34,8 +34,7 @@ def shard_range(vocab_rows: int, num_shards: int, rank: int) -> tuple[int, int]:
         raise ValueError(f"rank {rank} is not in [0, {num_shards})")
     if vocab_rows % num_shards:
         raise ValueError(
-            f"vocab_rows={vocab_rows} is not a multiple of num_shards={num_shards}; pad it first "
-            "(padded_vocab_rows)"
+            f"vocab_rows={vocab_rows} is not a multiple of num_shards={num_shards}; pad it first (padded_vocab_rows)"
         )
     rows = vocab_rows // num_shards
     return rank * rows, (rank + 1) * rows
@@ -56,9 +55,7 @@ class VocabShard:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
 
     @classmethod
-    def of(
-        cls, vocab_size: int, num_shards: int, rank: int, *, pad_to_multiple_of: int = 1
-    ) -> VocabShard:
+    def of(cls, vocab_size: int, num_shards: int, rank: int, *, pad_to_multiple_of: int = 1) -> VocabShard:
         """The shard of `rank` after padding the vocabulary for `num_shards` shards."""
         rows = padded_vocab_rows(vocab_size, num_shards, pad_to_multiple_of)
         start, end = shard_range(rows, num_shards, rank)

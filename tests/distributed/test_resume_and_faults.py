@@ -1,0 +1,76 @@
+"""Checkpoints, resume and faults on the vocabulary-parallel engine (real processes, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, cli_env, run_cli, train_run
+from test_baseline import _worker_pid
+
+pytestmark = pytest.mark.distributed
+
+RUN = ("layout.pp=2", "method=vocab-2", "logger=none", "train.global_batch_size=4", "train.steps=4")
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "vhalf"])
+def test_resume_continues_the_identical_loss_trajectory(tmp_path, schedule):
+    full = train_run(tmp_path / "full", *RUN, f"schedule={schedule}")
+    stopped = train_run(tmp_path / "split", *RUN, f"schedule={schedule}", "train.stop_at_step=2")
+    assert len(stopped["losses"]) == 2
+    resumed = train_run(tmp_path / "split", *RUN, f"schedule={schedule}", "train.resume=auto")
+    assert resumed["losses"] == full["losses"], "steps 3-4 after resuming must equal the uninterrupted run"
+    latest = (tmp_path / "split" / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_00000004"
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    train_run(run_dir, *RUN, "train.stop_at_step=2")
+    ckpts = run_dir / "checkpoints"
+    # A save that died half-way: its temporary directory exists, `latest` still names step 2.
+    (ckpts / ".tmp_step_00000003").mkdir()
+    (ckpts / ".tmp_step_00000003" / "rank_0.pt").write_bytes(b"partial")
+    resumed = train_run(run_dir, *RUN, "train.resume=auto")
+    assert len(resumed["losses"]) == 4
+    assert not (ckpts / ".tmp_step_00000003").exists(), "the next save cleans up the torn one"
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", f"hydra.run.dir={run_dir}", *RUN[:-1], "train.steps=8", "train.checkpoint_every=1",
+                   "optim=sgd", "optim.lr=1e12", "train.grad_clip=0", timeout=300)
+    assert proc.returncode != 0
+    assert "loss is nan" in proc.stderr or "loss is inf" in proc.stderr
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
+    assert all(map(lambda x: x == x and abs(x) < float("inf"), meta["losses"])), "only finite steps were saved"
+
+
+def test_a_stuck_rank_ends_the_job_after_the_collective_timeout(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vptrain.cli", "train", f"hydra.run.dir={run_dir}", *RUN[:-1], "train.steps=100000",
+         "train.collective_timeout_s=10"],
+        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    victim = _worker_pid(run_dir, rank=1)
+    os.kill(victim, signal.SIGSTOP)  # alive but never answering: its peer waits in a collective / p2p
+    stopped_at = time.time()
+    try:
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "rank 0" in err, err[-2000:]
+    assert time.time() - stopped_at < 60

@@ -1,0 +1,79 @@
+"""Every consumer handles every PassKind (torch's simulator rejected its own UNSHARD; not here)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from vptrain.schedule import (
+    Action,
+    PassCosts,
+    PassKind,
+    Schedule,
+    build_schedule,
+    format_schedule,
+    memory_profile,
+    parse_schedule,
+    render_ascii,
+    render_order,
+    render_png,
+    simulate,
+    validate_schedule,
+)
+from vptrain.schedule.render import KIND_COLORS
+
+K = PassKind
+
+
+def _with_weight_passes(s: Schedule) -> Schedule:
+    """W is reserved (no builder emits it yet): put W(i, c) right after every B(i, c)."""
+    ranks = []
+    for row in s.ranks:
+        out: list[Action] = []
+        for a in row:
+            out.append(a)
+            if a.kind is K.B:
+                out.append(Action(K.W, a.microbatch, a.chunk))
+        ranks.append(tuple(out))
+    return dataclasses.replace(s, ranks=tuple(ranks))
+
+
+def _schedule_containing(kind: PassKind) -> Schedule:
+    candidates = [
+        build_schedule("vocab-naive", "1f1b", 3, 4),
+        build_schedule("vocab-2", "vhalf", 2, 4),
+        _with_weight_passes(build_schedule("vocab-1", "vhalf", 2, 4)),
+    ]
+    for s in candidates:
+        if any(a.kind is kind for row in s.ranks for a in row):
+            return s
+    raise AssertionError(f"no test schedule contains {kind}")
+
+
+@pytest.mark.parametrize("kind", list(PassKind), ids=lambda k: k.value)
+def test_every_consumer_handles(kind: PassKind, tmp_path: Path) -> None:
+    s = _schedule_containing(kind)
+    validate_schedule(s)
+    costs = PassCosts.uniform(s.p, s.chunks, f=1, b=2, w=0.5, s=0.3, t=0.3, input_f=0.1, input_b=0.1,
+                              p2p=0.05, collective=0.02)
+    sim = simulate(s, costs)
+    assert sim.makespan > 0
+    memory_profile(s, costs)
+    assert parse_schedule(format_schedule(s)) == s
+    for comms in (False, True):
+        assert render_ascii(s, comms=comms)
+        grid = render_ascii(s, sim=sim, comms=comms, max_columns=None)
+        if comms or kind.is_compute:
+            assert any(kind.value in line for line in grid.splitlines())
+    marked = render_order(s, marks={(0, 0)})
+    assert ">" in marked
+    render_png(s, sim, str(tmp_path / f"{kind.value}.png"))
+    assert (tmp_path / f"{kind.value}.png").stat().st_size > 1000
+
+
+def test_every_kind_has_a_colour_and_a_category() -> None:
+    assert set(KIND_COLORS) == set(PassKind)
+    for kind in PassKind:
+        assert [kind.is_compute, kind.is_p2p, kind.is_collective].count(True) == 1

@@ -1,0 +1,179 @@
+"""Trainer for every run driven by a vptrain schedule: the vocabulary-parallel methods (interlaced,
+vocab-naive, vocab-1, vocab-2) on 1F1B and V-Half, and the plain method on V-Half.
+
+Under a vocabulary method the pipeline layer list holds only the position embedding (first stage),
+the transformer blocks and the final norm (last stage); every rank also holds V/p rows of the input
+embedding and of the output layer beside the layer list (one tensor when tied).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from vptrain import vocab
+from vptrain.config import VOCAB_METHODS, RunConfig, microbatches, padded_vocab_size
+from vptrain.engine.common import BusyTimer, Microbatch, StepResult, gpt_shape
+from vptrain.engine.deepspeed_setup import deepspeed_config, import_deepspeed
+from vptrain.engine.pipeline import PipelineTrainer, layer_boundaries, make_topology, stage_layer_counts
+from vptrain.model import layer_list, lm_loss, output_weight_rows, token_embedding_rows
+from vptrain.optim import build_optimizer, build_scheduler
+
+ALGO_OF_METHOD = {"interlaced": "interlaced", "vocab-naive": "naive", "vocab-1": "alg1", "vocab-2": "alg2"}
+
+
+@dataclass(frozen=True)
+class VocabStagePlan:
+    """Everything an engine needs to run its rank's part of the schedule."""
+
+    actions: tuple
+    shard: vocab.VocabShard | None
+    comm: vocab.Communicator | None
+    algo: str | None  # None: the plain method (no vocabulary passes)
+    loss_stage: int
+    embed_stage: int
+    act_shape: tuple[int, int, int]
+    act_dtype: torch.dtype
+    chunk_tokens: int
+    store_softmax: bool
+    num_microbatches: int
+    loss_chunk: int = 0  # the chunk whose output feeds the output layer (1 on V-Half's rank 0)
+
+    @property
+    def tokens(self) -> int:
+        return self.act_shape[0] * self.act_shape[1]
+
+    def buffer(self, mb: int, chunk: int) -> int:
+        """DeepSpeed buffer slot of (microbatch, chunk): chunk 1 uses the slots after the first m."""
+        return mb + chunk * self.num_microbatches
+
+
+def vocab_groups(cfg: RunConfig, timeout: timedelta) -> list:
+    """One process group per pipeline (its pp ranks); every rank must create all of them."""
+    pp, dp = cfg.layout.pp, cfg.layout.dp
+    return [dist.new_group([d * pp + s for s in range(pp)], timeout=timeout) for d in range(dp)]
+
+
+def build_schedule_for(cfg: RunConfig):
+    from vptrain.schedule import build_schedule, validate_schedule
+
+    sched = build_schedule(cfg.method.name, cfg.schedule.name, cfg.layout.pp, microbatches(cfg))
+    validate_schedule(sched)
+    return sched
+
+
+class VocabTrainer(PipelineTrainer):
+    def __init__(self, cfg: RunConfig, *, device: torch.device):
+        ds = import_deepspeed(device.type)
+        ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        from deepspeed.pipe import LayerSpec
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        self.cfg, self.device = cfg, device
+        pp = cfg.layout.pp
+        vhalf = cfg.schedule.name == "vhalf"
+        with_vocab = cfg.method.name in VOCAB_METHODS
+        rank = dist.get_rank()
+        stage, dp_rank = rank % pp, rank // pp
+        shape = gpt_shape(cfg)
+        groups = vocab_groups(cfg, timedelta(seconds=cfg.train.collective_timeout_s)) if with_vocab else None
+        self.schedule = build_schedule_for(cfg)
+
+        self.counts = stage_layer_counts(cfg)  # 2p entries on V-Half
+        parts = layer_boundaries(self.counts, leading=1, trailing=1 if with_vocab else 2)
+        specs = [LayerSpec(cls, *args) for cls, args in layer_list(shape, with_vocab=not with_vocab)]
+        module_cls, engine_cls = self._classes(ds, vhalf)
+        with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its topology on rank 0
+            self.module = module_cls(specs, parts=parts, topology=make_topology(cfg),
+                                     loss_fn=None if with_vocab else lm_loss)
+        shard = None
+        if with_vocab:
+            start, end = vocab.shard_range(padded_vocab_size(cfg), pp, stage)
+            shard = vocab.VocabShard(start, end, cfg.model.vocab_size)
+            # Beside the layer list: in the optimizer, the data-parallel reduction and the norms,
+            # but not in DeepSpeed's stage partitioning.
+            self.module.vocab_input = torch.nn.Parameter(token_embedding_rows(shape, start, end).to(device))
+            if cfg.model.tie_embeddings:
+                self.module.vocab_output = self.module.vocab_input
+            else:
+                self.module.vocab_output = torch.nn.Parameter(output_weight_rows(shape, start, end).to(device))
+        for p in self.module.parameters():
+            p.model_parallel = True  # unique per stage: counted once by DeepSpeed's fp32 clip norm
+            p.ds_pipe_replicated = False
+
+        self.optimizer = build_optimizer(self.module.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.timer = BusyTimer(device)
+        self.plan = VocabStagePlan(
+            actions=self.schedule.ranks[stage],
+            shard=shard,
+            comm=vocab.ProcessGroupComm(groups[dp_rank]) if with_vocab else None,
+            algo=ALGO_OF_METHOD.get(cfg.method.name),
+            loss_stage=0 if vhalf else pp - 1,
+            embed_stage=0,
+            act_shape=(cfg.train.micro_batch_size, cfg.model.seq_len, cfg.model.hidden_size),
+            act_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
+            chunk_tokens=cfg.vocab.chunk_tokens,
+            store_softmax=cfg.vocab.store_softmax,
+            num_microbatches=microbatches(cfg),
+            loss_chunk=1 if vhalf else 0,
+        )
+        ds_cfg = deepspeed_config(cfg)
+        self.engine = engine_cls(
+            args=None,
+            model=self.module,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            mpu=self.module.mpu(),
+            dist_init_required=False,
+            config=ds_cfg,
+            config_class=DeepSpeedConfig(ds_cfg, self.module.mpu()),
+            plan=self.plan,
+            busy_timer=self.timer,
+        )
+        self.stage, self.num_stages, self.dp_rank = stage, pp, dp_rank
+        assert self.engine.stage_id == stage and self.engine.grid.data_parallel_id == dp_rank
+
+    @staticmethod
+    def _classes(ds, vhalf: bool):
+        if vhalf:
+            from vptrain.engine.vhalf_engine import StagedDualPipeVModule, VHalfEngine
+
+            return StagedDualPipeVModule, VHalfEngine
+        from vptrain.engine.pipeline import build_engine_classes
+        from vptrain.engine.vocab_engine import VocabPipelineEngine
+
+        return build_engine_classes(ds)[0], VocabPipelineEngine
+
+    def train_step(self, micro: list[Microbatch]) -> StepResult:
+        loss = self.engine.run_step(micro)
+        if self.cfg.train.record_passes:
+            self._record_passes()
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(loss=float(loss), grad_norm=None if norm is None else float(norm))
+
+    def _record_passes(self) -> None:
+        out = os.path.join(self.cfg.run_dir, "passes")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"stage{self.stage}_dp{self.dp_rank}.txt"), "a") as f:
+            f.write(" ".join(self.engine.executed) + "\n")
+
+    def named_parameters_global(self) -> dict[str, torch.Tensor]:
+        """Transformer params under the single-process names; shards as `<table>[start:end]`."""
+        out = {}
+        shard = self.plan.shard
+        for name, p in self.module.named_parameters():
+            if name in ("vocab_input", "vocab_output"):
+                table = "0.wte" if name == "vocab_input" else f"{self.cfg.model.num_layers + 2}.weight"
+                out[f"{table}[{shard.start}:{shard.end}]"] = p.detach().float().cpu().clone()
+            elif self.plan.algo is not None and name == "0.wpe":
+                out["0.pos.wpe"] = p.detach().float().cpu().clone()  # the reference nests it in InputEmbedding
+            else:
+                out[name] = p.detach().float().cpu().clone()
+        return out

@@ -1,0 +1,158 @@
+"""Schedule builders: pure functions of integers.
+
+    build_schedule("vocab-2", "1f1b", p=4, m=8) -> Schedule
+
+Each builder fixes the F/B order of every rank (1F1B with a method-dependent warm-up, or the V-Half
+building block), `planner.py` + `vocab.py` place the vocabulary passes, collectives and transfers on
+a nominal timeline, and `lower.py` turns that into per-rank action lists with explicit
+communication. Callers validate the result (`validate_schedule`).
+
+Activation memory (microbatch-chunks whose F ran and whose B has not, peak on the first rank):
+
+    1f1b  baseline/redis  p        vocab-2  p+1      vocab-1  p+2
+          vocab-naive     p+2      interlaced  ceil(1.5p)
+    vhalf two chunks of half a stage per rank, balanced across ranks: about 1.4p chunks, i.e. about
+          0.7x of 1F1B's first stage (the paper's half needs a B/W split; W is reserved); the
+          vocabulary methods add 0 to 2 chunks per rank.
+
+Every builder accepts any m >= 1 (a short pipeline simply never reaches its steady state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from vptrain.schedule.ir import SCHEDULE_NAMES, Action, PassKind, Schedule
+from vptrain.schedule.lower import lower
+from vptrain.schedule.planner import NominalCosts, plan_nominal
+from vptrain.schedule.rules import METHOD_NAMES, ScheduleRules, StageMap
+
+K = PassKind
+
+
+def one_f_one_b_order(m: int, in_flight: int) -> list[Action]:
+    """One rank's 1F1B order with at most `in_flight` microbatches between their F and their B."""
+    warmup = min(max(in_flight - 1, 0), m)
+    order = [Action(K.F, i) for i in range(warmup)]  # warm-up: fill the pipeline
+    for i in range(m - warmup):  # steady state: one forward, one backward
+        order += [Action(K.F, warmup + i), Action(K.B, i)]
+    order += [Action(K.B, i) for i in range(m - warmup, m)]  # cool-down: drain it
+    return order
+
+
+def one_f_one_b_in_flight(method: str, p: int, rank: int) -> int:
+    """Peak in-flight microbatches of `rank` (plain 1F1B: p - rank)."""
+    if method == "interlaced":
+        # The whole pipeline pauses for every microbatch's vocabulary layers, so it keeps about
+        # half a pipeline more in flight (the interlaced pipeline's 1.5p warm-up, vp_algorithms §5).
+        return math.ceil(1.5 * p) - rank
+    return p - rank + ScheduleRules.of(method=method, name="1f1b", p=p).method.extra_in_flight
+
+
+def vhalf_block(p: int, delay: int) -> tuple[int, dict[tuple[PassKind, int], int]]:
+    """One microbatch's building block on the V (vp_algorithms §4.1, after Qi et al. 2024).
+
+    Time unit: one chunk forward (a chunk backward takes 2). The forwards run down the ranks and
+    back up (stages 0 .. 2p-1), then, `delay` units later (the vocabulary chain, 0 without one),
+    the backwards run the other way. Each pass is put at the earliest time after its predecessor at
+    which, repeated every `period` units for the next microbatches, it never collides with the
+    rank's other passes. Every rank does 2 + 2*2 = 6 units per microbatch, so the period starts at 6;
+    it only grows if no collision-free placement exists.
+
+    Returns (period, {(F|B, stage): start offset}).
+    """
+    stages = StageMap(p, "vhalf")
+    period = 6
+    while True:
+        block = _place_block(stages, period, delay)
+        if block is not None:
+            return period, block
+        period += 1
+
+
+def _place_block(stages: StageMap, period: int, delay: int) -> dict[tuple[PassKind, int], int] | None:
+    used: list[set[int]] = [set() for _ in range(stages.p)]
+    remaining_b = [2] * stages.p
+    block: dict[tuple[PassKind, int], int] = {}
+    passes = [(K.F, s, 1) for s in range(stages.num_stages)]
+    passes += [(K.B, s, 2) for s in reversed(range(stages.num_stages))]
+    t = 0
+    for kind, stage, length in passes:
+        rank = stages.place(stage)[0]
+        if kind is K.B and stage == stages.num_stages - 1:
+            t += delay
+        for start in range(t, t + period):
+            slots = {(start + k) % period for k in range(length)}
+            if slots & used[rank]:
+                continue
+            left = remaining_b[rank] - (kind is K.B)
+            if left and not _has_free_run(used[rank] | slots, period, 2):
+                continue  # would leave no room for the rank's other backward
+            break
+        else:
+            return None
+        used[rank] |= slots
+        remaining_b[rank] -= kind is K.B
+        block[(kind, stage)] = start
+        t = start + length
+    return block
+
+
+def _has_free_run(used: set[int], period: int, length: int) -> bool:
+    return any(all((s + k) % period not in used for k in range(length)) for s in range(period))
+
+
+def vhalf_order(p: int, m: int, rank: int, delay: int) -> list[Action]:
+    """Rank `rank`'s F/B order: all microbatches' blocks laid out every `period`, sorted by time."""
+    period, block = vhalf_block(p, delay)
+    stages = StageMap(p, "vhalf")
+    timed = []
+    for chunk in range(2):
+        stage = stages.stage(rank, chunk)
+        for i in range(m):
+            timed.append((i * period + block[(K.F, stage)], Action(K.F, i, chunk)))
+            timed.append((i * period + block[(K.B, stage)], Action(K.B, i, chunk)))
+    return [a for _, a in sorted(timed, key=lambda x: x[0])]
+
+
+def vhalf_delay(method: str, p: int) -> int:
+    """How long the loss stage's B waits for the vocabulary chain in the V-Half block, in chunk
+    forward units (the paper stretches the V-Half pattern the same way, vp_algorithms §4.4).
+    Scanned over p = 2..16 with the nominal costs: 3 keeps the baseline's bubble for vocab-1 and
+    vocab-2, the naive method's extra barrier needs 4; more only adds activation memory."""
+    rules = ScheduleRules.of(method=method, name="vhalf", p=p).method
+    if not rules.vocab:
+        return 0
+    return 4 if method == "vocab-naive" else 3
+
+
+def build_schedule(method: str, schedule: str, p: int, m: int, *, nominal: NominalCosts | None = None) -> Schedule:
+    """The schedule of `method` on `schedule` for p pipeline ranks and m microbatches.
+
+    method: baseline | redis | interlaced | vocab-naive | vocab-1 | vocab-2
+    schedule: 1f1b | vhalf (vhalf runs baseline, vocab-naive, vocab-1 and vocab-2)
+    `nominal` only changes where vocabulary passes and transfers are placed; the engine and
+    `vptrain plan` both use the default so they run and report the same schedule.
+    """
+    if method not in METHOD_NAMES:
+        raise ValueError(f"method: unknown '{method}'; choose one of {', '.join(METHOD_NAMES)}")
+    if schedule not in SCHEDULE_NAMES:
+        raise ValueError(f"schedule: unknown '{schedule}'; choose one of {', '.join(SCHEDULE_NAMES)}")
+    if schedule == "vhalf" and method in ("redis", "interlaced"):
+        raise ValueError(f"method={method} has no V-Half schedule; use schedule=1f1b")
+    if p < 1:
+        raise ValueError(f"p={p}: a pipeline needs at least one rank")
+    if m < 1:
+        raise ValueError(f"m={m}: a schedule needs at least one microbatch")
+    rules = ScheduleRules.of(method=method, name=schedule, p=p)
+    if schedule == "1f1b":
+        orders = [one_f_one_b_order(m, one_f_one_b_in_flight(method, p, r)) for r in range(p)]
+    else:
+        orders = [vhalf_order(p, m, r, vhalf_delay(method, p)) for r in range(p)]
+    nominal = nominal or NominalCosts()
+    if method == "interlaced":
+        # The first barrier runs the input layers of the whole warm-up at once.
+        nominal = dataclasses.replace(nominal, sync_first_inputs=one_f_one_b_in_flight(method, p, 0) + 1)
+    plan = plan_nominal(rules, m, orders, nominal)
+    return lower(plan, rules, m=m, method=method)

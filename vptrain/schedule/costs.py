@@ -1,0 +1,217 @@
+"""Cost model: FLOPs and seconds per pass, bytes per stage, device profiles.
+
+FLOPs (training = forward + backward, vp_algorithms §1.2, paper Table 4; N = b*s tokens):
+  transformer layer  N*h*(72h + 12s)   forward 1/3, backward 2/3  (4h MLP, full attention)
+  output layer       6*N*h*V           forward (logits) 2NhV, backward 4NhV
+      sharded over p ranks:  vocab-1 / naive / interlaced (Algorithm 1)  S = 2NhV/p, T = 4NhV/p
+                             vocab-2 (Algorithm 2, dX in S)              S = 4NhV/p, T = 2NhV/p
+  loss (softmax + CE)  8*N*V elementwise FLOPs, half forward, half backward (negligible, counted)
+  input layer        3*N*h             forward 1/3, backward 2/3; sharded: every rank writes a full
+                                       N x h partial, so IF = N*h and IB = 2*N*h on every rank
+Seconds = FLOPs / (peak * efficiency) + a fixed launch overhead per pass. Communication: a transfer
+or collective of B bytes costs latency + B / bandwidth (all-reduce: 2(p-1)/p of the bytes).
+
+Bytes per rank:
+  parameters   12h^2 + 13h per layer; vocabulary rows * h per table; positions s*h on stage 0
+  gradients    4 bytes per parameter (fp32 accumulation, as DeepSpeed's bf16 optimizer keeps them)
+  optimizer    AdamW: 2 fp32 moments (8 B) plus an fp32 master copy under bf16 (4 B); SGD: master only;
+               divided by dp under ZeRO-1
+  activations  per in-flight microbatch and layer (16*N*h + N*h for the chunk input) elements of the
+               activation dtype: LN inputs, qkv input, q/k/v, attention output (12 Nh) and the MLP's
+               4h-wide input and GELU output (8 Nh); flash attention keeps no s^2 scores
+  vocabulary   baseline loss stage: fp32 logits N*V*4 per in-flight microbatch; vocab methods: the fp32
+               shard softmax N*(V/p)*4 held from S to T, plus the fp32 X broadcast N*(h+1)*4 (and for
+               vocab-2 the fp32 N*h partials of dX) per microbatch between S and T
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vptrain.schedule.ir import PassKind
+from vptrain.schedule.simulate import PassCosts
+
+K = PassKind
+LOSS_FLOPS_PER_LOGIT = 8.0
+ALGORITHM_2 = ("vocab-2",)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Peak dense FLOP/s per precision and the fraction a well-tuned transformer reaches."""
+
+    name: str
+    peak_flops: dict[str, float]
+    efficiency: float
+    link_bytes_per_s: float
+    link_latency_s: float
+    pass_overhead_s: float
+
+
+def device_profile(name: str) -> DeviceProfile:
+    """a100: 312 TFLOP/s bf16 (the paper artifact's MFU basis), 19.5 fp32; h100 SXM: 989 bf16,
+    67 fp32; cpu: 0.1 TFLOP/s, the order of a many-core server (a laptop core reaches ~0.05).
+    Link: effective NVLink/IB bandwidth for p2p and vocabulary collectives."""
+    profiles = {
+        "a100": DeviceProfile("a100", {"bf16": 312e12, "fp32": 19.5e12}, 0.55, 100e9, 10e-6, 10e-6),
+        "h100": DeviceProfile("h100", {"bf16": 989e12, "fp32": 67e12}, 0.55, 200e9, 8e-6, 8e-6),
+        "cpu": DeviceProfile("cpu", {"bf16": 1e11, "fp32": 1e11}, 0.5, 5e9, 50e-6, 0.0),
+    }
+    if name not in profiles:
+        raise ValueError(f"cluster.profile: unknown '{name}'; choose one of {', '.join(profiles)}")
+    return profiles[name]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know about the model and the microbatch."""
+
+    vocab: int
+    """Real tokens (the loss and MFU count these)."""
+    vocab_rows: int
+    """Padded rows of each vocabulary table (what is computed)."""
+    layers: int
+    hidden: int
+    seq: int
+    micro_batch: int
+    act_bytes: int
+    """Bytes per activation element (2 under bf16, 4 under fp32)."""
+    tied: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.micro_batch
+
+
+def layer_flops(m: ModelShape) -> float:
+    """One transformer layer, forward + backward, one microbatch."""
+    return m.tokens * m.hidden * (72.0 * m.hidden + 12.0 * m.seq)
+
+
+def output_flops(m: ModelShape, rows: int) -> float:
+    """Output projection over `rows` vocabulary rows plus its share of the loss, fwd + bwd."""
+    return 6.0 * m.tokens * m.hidden * rows + LOSS_FLOPS_PER_LOGIT * m.tokens * rows
+
+
+def input_flops(m: ModelShape) -> float:
+    return 3.0 * m.tokens * m.hidden
+
+
+def vocab_layer_units(m: ModelShape) -> tuple[float, float]:
+    """(input layer, output layer + loss) in transformer-layer units of compute."""
+    unit = layer_flops(m)
+    return input_flops(m) / unit, output_flops(m, m.vocab_rows) / unit
+
+
+def model_flops(m: ModelShape) -> float:
+    """Training FLOPs of one microbatch as MFU counts them (the artifact's formula: transformer
+    layers and output layer over the real vocabulary; the input layer is not counted)."""
+    return m.layers * layer_flops(m) + 6.0 * m.tokens * m.hidden * m.vocab
+
+
+def pass_flops(
+    m: ModelShape, *, method: str, p: int, chunk_layers: list[tuple[int, ...]], loss_place: tuple[int, int]
+) -> list[dict[tuple[PassKind, int], float]]:
+    """FLOPs of each compute pass on each rank: {(kind, chunk): flops}."""
+    vocab_sharded = method not in ("baseline", "redis")
+    layer = layer_flops(m)
+    out: list[dict[tuple[PassKind, int], float]] = []
+    for rank, layers in enumerate(chunk_layers):
+        table: dict[tuple[PassKind, int], float] = {}
+        for chunk, n in enumerate(layers):
+            fwd, bwd = n * layer / 3.0, 2.0 * n * layer / 3.0
+            if not vocab_sharded and (rank, chunk) == (0, 0):
+                fwd += input_flops(m) / 3.0
+                bwd += 2.0 * input_flops(m) / 3.0
+            if not vocab_sharded and (rank, chunk) == loss_place:
+                fwd += 2.0 * m.tokens * m.hidden * m.vocab_rows + LOSS_FLOPS_PER_LOGIT / 2 * m.tokens * m.vocab_rows
+                bwd += 4.0 * m.tokens * m.hidden * m.vocab_rows + LOSS_FLOPS_PER_LOGIT / 2 * m.tokens * m.vocab_rows
+            table[(K.F, chunk)], table[(K.B, chunk)] = fwd, bwd
+        if vocab_sharded:
+            rows = m.vocab_rows // p
+            gemm = m.tokens * m.hidden * rows
+            elementwise = LOSS_FLOPS_PER_LOGIT / 2 * m.tokens * rows
+            s_gemm, t_gemm = (4.0, 2.0) if method in ALGORITHM_2 else (2.0, 4.0)
+            table[(K.S, 0)] = s_gemm * gemm + elementwise
+            table[(K.T, 0)] = t_gemm * gemm + elementwise
+            table[(K.IF, 0)] = m.tokens * m.hidden
+            table[(K.IB, 0)] = 2.0 * m.tokens * m.hidden
+        out.append(table)
+    return out
+
+
+def collective_bytes(m: ModelShape, kind: PassKind) -> tuple[float, str]:
+    """Payload of one vocabulary collective and its pattern (broadcast | allreduce | reduce)."""
+    n, h, a = m.tokens, m.hidden, m.act_bytes
+    table = {
+        K.X_BCAST: (n * (h + 1) * 4.0, "broadcast"),  # fp32 hidden state (+ the g column)
+        K.MAX: (n * 4.0, "allreduce"),
+        K.SUM: (2 * n * 4.0, "allreduce"),  # sum of exp and the target logit
+        K.STATS: (3 * n * 4.0, "allreduce"),  # max, rescaled sum, target logit
+        K.G_BCAST: (n * 4.0, "broadcast"),
+        K.DXHAT: (n * h * 4.0, "allreduce"),
+        K.DX_REDUCE: (n * h * a, "reduce"),
+        K.EMB_REDUCE: (n * h * a, "reduce"),
+        K.DEMB_BCAST: (n * h * a, "broadcast"),
+    }
+    return table[kind]
+
+
+def collective_seconds(m: ModelShape, kind: PassKind, p: int, dev: DeviceProfile) -> float:
+    size, pattern = collective_bytes(m, kind)
+    share = {"allreduce": 2.0 * (p - 1) / p, "reduce": (p - 1) / p, "broadcast": 1.0}[pattern]
+    hops = max(1, (p - 1).bit_length())
+    return hops * dev.link_latency_s + share * size / dev.link_bytes_per_s
+
+
+def pass_costs(
+    m: ModelShape,
+    *,
+    method: str,
+    p: int,
+    chunk_layers: list[tuple[int, ...]],
+    loss_place: tuple[int, int],
+    precision: str,
+    device: DeviceProfile,
+) -> PassCosts:
+    """Seconds per action for the simulator, with per-chunk activation bytes as memory weights."""
+    rate = device.peak_flops[precision] * device.efficiency
+    flops = pass_flops(m, method=method, p=p, chunk_layers=chunk_layers, loss_place=loss_place)
+    compute = tuple({key: f / rate + device.pass_overhead_s for key, f in table.items()} for table in flops)
+    p2p = device.link_latency_s + m.tokens * m.hidden * m.act_bytes / device.link_bytes_per_s
+    collective = {k: collective_seconds(m, k, p, device) for k in PassKind if k.is_collective}
+    activation = tuple(tuple(activation_bytes(m, n) for n in layers) for layers in chunk_layers)
+    return PassCosts(compute=compute, p2p=p2p, collective=collective, activation=activation)
+
+
+def activation_bytes(m: ModelShape, layers: int) -> float:
+    """Activations one in-flight microbatch keeps on a chunk of `layers` transformer layers."""
+    return (16.0 * layers + 1.0) * m.tokens * m.hidden * m.act_bytes
+
+
+def parameter_count(
+    m: ModelShape, *, layers: int, embedding_rows: int, output_rows: int, positions: bool, final_norm: bool
+) -> int:
+    """Parameters on one rank. A tied table (vocab methods only) is counted once."""
+    h = m.hidden
+    tables = embedding_rows + (0 if m.tied and embedding_rows == output_rows else output_rows)
+    return layers * (12 * h * h + 13 * h) + tables * h + (m.seq * h if positions else 0) + (2 * h if final_norm else 0)
+
+
+def state_bytes(params: int, *, precision: str, optimizer: str, zero_stage: int, dp: int) -> dict[str, float]:
+    """Parameter, gradient and optimizer bytes for `params` parameters."""
+    weight = 2.0 if precision == "bf16" else 4.0
+    master = 4.0 if precision == "bf16" else 0.0
+    moments = 8.0 if optimizer == "adamw" else 0.0
+    shard = dp if zero_stage >= 1 else 1
+    return {"params": params * weight, "grads": params * 4.0, "optimizer": params * (master + moments) / shard}
+
+
+def vocab_buffer_bytes(m: ModelShape, *, method: str, p: int, in_flight_vocab: int, loss_in_flight: int) -> float:
+    """Output-layer buffers beyond the transformer activations (see the module docstring)."""
+    if method in ("baseline", "redis"):
+        return float(loss_in_flight) * m.tokens * m.vocab_rows * 4.0
+    per = m.tokens * (m.vocab_rows // p) * 4.0 + m.tokens * (m.hidden + 1) * 4.0
+    if method in ALGORITHM_2:
+        per += 2.0 * m.tokens * m.hidden * 4.0
+    return in_flight_vocab * per

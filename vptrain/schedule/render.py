@@ -1,0 +1,220 @@
+"""Draw schedules: ASCII grids for terminals and error messages, and a PNG timeline.
+
+Two ASCII views:
+  * order view (`render_order`): row r lists rank r's actions in execution order; used in error
+    messages, with offending cells marked as >B3<;
+  * time view (`render_ascii(s, sim=...)`): columns are the distinct start times of the simulated
+    passes, so a pass sits in the same column as everything that starts with it (with uniform
+    costs this is the familiar staircase). Empty cells are idle time or a pass still running.
+Long rows are cut in the middle, keeping the warm-up and the cool-down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from vptrain.schedule.ir import Action, PassKind, Schedule
+from vptrain.schedule.simulate import SimResult
+
+K = PassKind
+
+# Paper-like palette: forward blues, backward greens, output layer S/T oranges, input layer
+# IF/IB purples, reserved W grey; communication is drawn as thin dark ticks.
+KIND_COLORS: dict[PassKind, str] = {
+    K.F: "#4C78A8",
+    K.B: "#54A24B",
+    K.W: "#9D9D9D",
+    K.S: "#F58518",
+    K.T: "#E45756",
+    K.IF: "#B279A2",
+    K.IB: "#7B4173",
+    K.SEND_F: "#1F3B57",
+    K.RECV_F: "#1F3B57",
+    K.SEND_B: "#2B5227",
+    K.RECV_B: "#2B5227",
+    K.X_BCAST: "#333333",
+    K.MAX: "#333333",
+    K.SUM: "#333333",
+    K.STATS: "#333333",
+    K.G_BCAST: "#333333",
+    K.DXHAT: "#333333",
+    K.DX_REDUCE: "#333333",
+    K.EMB_REDUCE: "#333333",
+    K.DEMB_BCAST: "#333333",
+}
+
+
+def _cut(columns: int, max_columns: int | None) -> list[int | None]:
+    """Column indices to show; None marks the elided middle."""
+    if max_columns is None or columns <= max_columns:
+        return list(range(columns))
+    head = max_columns * 2 // 3
+    tail = max_columns - head - 1
+    return list(range(head)) + [None] + list(range(columns - tail, columns))
+
+
+def _grid(rows: list[list[str]], max_columns: int | None, label: str = "rank") -> str:
+    columns = max((len(r) for r in rows), default=0)
+    keep = _cut(columns, max_columns)
+    width = max((len(c) for r in rows for c in r), default=2) + 1
+    name_width = len(f"{label} {len(rows) - 1}")
+    lines = []
+    for n, row in enumerate(rows):
+        cells = []
+        for c in keep:
+            text = "..." if c is None else (row[c] if c < len(row) else "")
+            cells.append(text.ljust(width))
+        lines.append(f"{label} {n}".ljust(name_width) + " | " + "".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def render_order(
+    s: Schedule,
+    *,
+    comms: bool = True,
+    marks: Iterable[tuple[int, int]] = (),
+    max_columns: int | None = 40,
+) -> str:
+    """Order view. `marks` are (rank, position in that rank's full list) cells to highlight. With
+    marks, each long row is windowed around its own marked cell (rows without one around the first
+    mark's position), so every offending cell stays visible."""
+    marks = set(marks)
+    rows: list[list[str]] = []
+    focus: list[int | None] = []
+    for r, row in enumerate(s.ranks):
+        cells: list[str] = []
+        here: int | None = None
+        for n, a in enumerate(row):
+            if not comms and not a.kind.is_compute:
+                continue
+            if (r, n) in marks:
+                here = len(cells) if here is None else here
+                cells.append(f">{a}<")
+            else:
+                cells.append(str(a))
+        rows.append(cells)
+        focus.append(here)
+    anchor = next((f for f in focus if f is not None), None)
+    if anchor is None or max_columns is None:
+        return _grid(rows, max_columns)
+    windowed = []
+    for cells, here in zip(rows, focus, strict=True):
+        lo = max(0, (anchor if here is None else here) - max_columns // 2)
+        windowed.append((["..."] if lo else []) + cells[lo : lo + max_columns])
+    return _grid(windowed, None)
+
+
+def render_ascii(
+    s: Schedule, *, sim: SimResult | None = None, comms: bool = False, max_columns: int | None = 40
+) -> str:
+    """The terminal grid: time view when `sim` is given, else order view.
+
+    Time view: one column per time quantum (the shortest forward pass), each pass written in the
+    column where it starts and continued with '.' while it runs; blank cells are idle time. A
+    trailing '+' means shorter passes also start in that column (IF/IB/S/T next to an F). With
+    comms=True every action starting in a column is listed, separated by commas.
+    """
+    if sim is None:
+        return render_order(s, comms=comms, max_columns=max_columns)
+    durations = [
+        sim.end[r][n] - sim.start[r][n]
+        for r, row in enumerate(s.ranks)
+        for n, a in enumerate(row)
+        if a.kind is K.F
+    ]
+    quantum = min((d for d in durations if d > 0), default=0.0) or max(sim.makespan, 1.0) / 100
+    columns = int(sim.makespan / quantum + 1e-9) + 1
+    rows: list[list[str]] = []
+    for r, row in enumerate(s.ranks):
+        starting: list[list[tuple[float, Action]]] = [[] for _ in range(columns)]
+        running = [False] * columns
+        for n, a in enumerate(row):
+            if not (comms or a.kind.is_compute):
+                continue
+            start, end = sim.start[r][n], sim.end[r][n]
+            c = min(int(start / quantum + 1e-9), columns - 1)
+            starting[c].append((end - start, a))
+            last = min(int((end - 1e-9) / quantum + 1e-9), columns - 1) if end > start else c
+            for k in range(c + 1, last + 1):
+                running[k] = True
+        cells = []
+        for here, busy in zip(starting, running, strict=True):
+            if not here:
+                cells.append("." if busy else "")
+            elif comms:
+                cells.append(",".join(str(a) for _, a in here))
+            else:
+                longest = max(here, key=lambda x: x[0])[1]
+                cells.append(f"{longest}+" if len(here) > 1 else str(longest))
+        rows.append(cells)
+    return _grid(rows, max_columns)
+
+
+def render_png(s: Schedule, sim: SimResult, path: str, *, title: str | None = None) -> None:
+    """Timeline picture like the paper's figures: one row per rank, one box per compute pass
+    coloured by kind (chunk 1 lighter), its microbatch number inside when it fits; communication
+    as thin dark ticks above the boxes.
+
+    The boxes are painted into a pixel array and shown as one image, so a 32-rank, 128-microbatch
+    V-Half schedule (tens of thousands of boxes) still renders in well under a second.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
+
+    p, makespan = s.p, sim.makespan or 1.0
+    width_in, dpi, px_wide, px_row = 14.0, 110, 1800, 20
+    image = np.full((p * px_row, px_wide, 3), 255, dtype=np.uint8)
+    shades = {(k, c): _shade(to_rgb(KIND_COLORS[k]), c) for k in PassKind for c in (0, 1)}
+    scale = px_wide / makespan
+    labels: list[tuple[float, int, int]] = []
+    present: set[PassKind] = set()
+    for r, row in enumerate(s.ranks):
+        top = r * px_row
+        for n, a in enumerate(row):
+            x0 = int(sim.start[r][n] * scale)
+            if not a.kind.is_compute:
+                image[top : top + 2, min(x0, px_wide - 1)] = shades[(a.kind, 0)]
+                continue
+            x1 = max(x0 + 1, int(sim.end[r][n] * scale))
+            if x1 - x0 >= 4:
+                x1 -= 1  # a white seam between adjacent boxes
+            image[top + 3 : top + px_row - 2, x0:x1] = shades[(a.kind, min(a.chunk, 1))]
+            present.add(a.kind)
+            if x1 - x0 >= 12:
+                labels.append(((sim.start[r][n] + sim.end[r][n]) / 2, r, a.microbatch))
+    fig, ax = plt.subplots(figsize=(width_in, 0.45 * p + 1.4), dpi=dpi)
+    ax.imshow(image, extent=(0, makespan, p - 0.5, -0.5), aspect="auto", interpolation="nearest")
+    if len(labels) <= 2000:
+        for x, r, mb in labels:
+            ax.text(x, r + 0.05, str(mb), ha="center", va="center", fontsize=6)
+    handles = [Patch(color=KIND_COLORS[k], label=k.value) for k in PassKind if k in present]
+    if handles:
+        ax.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=7, framealpha=0.9)
+    ax.set_yticks(range(p), [f"rank {r}" for r in range(p)], fontsize=7)
+    ax.set_ylim(p - 0.5, -1.0)
+    ax.set_xlim(0, makespan)
+    ax.set_xlabel("time (s)")
+    ax.set_title(title or f"{s.method} / {s.name}: p={p}, m={s.num_microbatches}, bubble {sim.bubble_rate:.1%}")
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.6 / fig.get_figheight(), top=1 - 0.45 / fig.get_figheight())
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _shade(rgb: tuple[float, float, float], chunk: int) -> tuple[int, ...]:
+    """Chunk 1 (the way back up the V) is drawn lighter, like the paper's V-Half figures."""
+    mixed = tuple(x + (1.0 - x) * 0.45 for x in rgb) if chunk else rgb
+    return tuple(round(255 * x) for x in mixed)
+
+
+def marked(s: Schedule, cells: Iterable[tuple[int, Action]]) -> set[tuple[int, int]]:
+    """(rank, action) pairs -> (rank, position) marks for `render_order`."""
+    out = set()
+    for r, a in cells:
+        if a in s.ranks[r]:
+            out.add((r, s.ranks[r].index(a)))
+    return out

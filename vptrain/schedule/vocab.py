@@ -1,0 +1,236 @@
+"""Inserting the vocabulary passes and collectives into the nominal timeline (planner.py).
+
+OverlappedVocab (vocab-naive, vocab-1, vocab-2) follows the paper's building blocks
+(vp_algorithms §4.1): a rank picks up
+  * S(i) as soon as X_BCAST(i) has completed (the loss stage's B(i) waits on the chain behind it),
+  * T(i) once G_BCAST(i) has completed,
+  * IF(j) a few microbatches before stage 0 needs it (released when stage 0 starts F(j-lookahead-1)),
+  * IB(j) once DEMB_BCAST(j) has completed,
+before its next F/B pass, and issues each collective right after the pass that produces its input.
+Collectives that need an earlier collective's result (SUM after MAX, DXHAT after STATS, the loss
+rank's G_BCAST after the statistics) are issued at the rank's first free moment after it exists.
+
+InterlacedVocab runs them as barriers: after the loss stage's F(i), every rank stops at its next
+free moment and the whole pipeline runs X_BCAST S MAX SUM G_BCAST T DX_REDUCE for microbatch i
+together, plus whatever input-layer work is due (IF/EMB_REDUCE ahead of stage 0, DEMB_BCAST/IB after
+it), so each microbatch costs one barrier rather than three.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vptrain.schedule.ir import Action, PassKind
+
+if TYPE_CHECKING:
+    from vptrain.schedule.planner import Planner
+
+K = PassKind
+Key = tuple[PassKind, int]
+OUTPUT_BARRIER = (K.X_BCAST, K.S, K.MAX, K.SUM, K.G_BCAST, K.T, K.DX_REDUCE)
+
+
+class NoVocab:
+    """baseline / redis: the vocabulary layers are inside the first and last stages' F and B."""
+
+    def __init__(self, host: Planner):
+        self.host = host
+
+    def start(self) -> None:
+        return None
+
+    def join(self, r: int, t: float) -> bool:
+        """Interlaced only: True when rank r has joined a barrier (and is busy until it ends)."""
+        return False
+
+    def take(self, r: int, t: float) -> Action | None:
+        """A vocabulary pass rank r should run now (None: go on with F/B)."""
+        return None
+
+    def started(self, r: int, a: Action, t: float) -> None:
+        return None
+
+    def finished(self, r: int, a: Action, t: float) -> None:
+        return None
+
+    def input_ready(self, i: int) -> bool:
+        return True
+
+    def loss_grad_ready(self, i: int) -> bool:
+        return True
+
+
+class OverlappedVocab(NoVocab):
+    def __init__(self, host: Planner):
+        super().__init__(host)
+        p, method = host.p, host.rules.method
+        self.collectives = method.collectives
+        self.stats = method.stats
+        self.loss_grad = method.loss_grad
+        self.loss_rank = host.rules.stages.loss_place[0]
+        self.embed_place = host.rules.stages.embed_place
+        self.ready_issue: list[deque[Key]] = [deque() for _ in range(p)]
+        # Vocabulary passes each rank may pick up, in priority order and oldest first.
+        self.ready: dict[PassKind, list[deque[Action]]] = {
+            k: [deque() for _ in range(p)] for k in (K.S, K.T, K.IF, K.IB)
+        }
+        self.released_inputs = -1
+
+    def start(self) -> None:
+        self.release_inputs(self.host.costs.if_lookahead, 0.0)
+
+    def release_inputs(self, upto: int, t: float) -> None:
+        for j in range(self.released_inputs + 1, min(upto, self.host.m - 1) + 1):
+            self._to_all(K.IF, Action(K.IF, j))
+            self.released_inputs = j
+        self.host.wake_all(t)
+
+    def take(self, r: int, t: float) -> Action | None:
+        while self.ready_issue[r]:
+            self.issue(r, self.ready_issue[r].popleft(), t)
+        for queues in self.ready.values():
+            if queues[r]:
+                return queues[r].popleft()
+        return None
+
+    def started(self, r: int, a: Action, t: float) -> None:
+        if a.kind is K.F and (r, a.chunk) == self.embed_place:
+            self.release_inputs(a.microbatch + self.host.costs.if_lookahead + 1, t)
+
+    def finished(self, r: int, a: Action, t: float) -> None:
+        stages, i = self.host.rules.stages, a.microbatch
+        if a.kind is K.F and stages.next_place(r, a.chunk) is None:
+            self.issue(r, (K.X_BCAST, i), t)
+        elif a.kind is K.B and stages.prev_place(r, a.chunk) is None:
+            self.issue(r, (K.DEMB_BCAST, i), t)
+        else:
+            follow = {K.S: K.MAX if K.MAX in self.collectives else K.STATS, K.T: K.DX_REDUCE, K.IF: K.EMB_REDUCE}
+            kind = follow.get(a.kind)
+            if kind is not None and kind in self.collectives:
+                self.issue(r, (kind, i), t)
+
+    def input_ready(self, i: int) -> bool:
+        return (K.EMB_REDUCE, i) in self.host.plan.completion
+
+    def loss_grad_ready(self, i: int) -> bool:
+        return (self.loss_grad, i) in self.host.plan.completion
+
+    def issue(self, r: int, key: Key, t: float) -> None:
+        issued = self.host.plan.issues.setdefault(key, {})
+        issued[r] = t
+        # A broadcast completes once its source has issued it (receivers can post any time
+        # before); a reduction needs every rank's contribution.
+        needed = 1 if key[0] in (K.X_BCAST, K.G_BCAST, K.DEMB_BCAST) else self.host.p
+        if len(issued) == needed:
+            self._complete(key, t)
+
+    def _complete(self, key: Key, t: float) -> None:
+        self.host.plan.completion[key] = t
+        kind, i = key
+        if kind is K.X_BCAST:
+            self._to_all(K.S, Action(K.S, i))
+        elif kind is K.MAX:
+            for q in self.ready_issue:
+                q.append((K.SUM, i))
+        elif kind is K.G_BCAST:
+            self._to_all(K.T, Action(K.T, i))
+        elif kind is K.DEMB_BCAST:
+            self._to_all(K.IB, Action(K.IB, i))
+        if kind is self.stats:
+            self.ready_issue[self.loss_rank].append((K.G_BCAST, i))
+            if K.DXHAT in self.collectives:
+                for q in self.ready_issue:
+                    q.append((K.DXHAT, i))
+        self.host.wake_all(t)
+
+    def _to_all(self, kind: PassKind, a: Action) -> None:
+        for q in self.ready[kind]:
+            q.append(a)
+
+
+@dataclass
+class _Barrier:
+    actions: tuple[Action, ...]
+    joined: int = 0
+
+
+class InterlacedVocab(NoVocab):
+    def __init__(self, host: Planner):
+        super().__init__(host)
+        self.barriers: list[_Barrier] = []
+        self.next_barrier = [0] * host.p
+        self.inputs_due: list[int] = []
+        self.grads_due: list[int] = []
+        self.outputs_left = host.m
+        self.released_inputs = -1
+
+    def start(self) -> None:
+        # The first barrier runs the input layers of the whole warm-up.
+        self.release_inputs(max(self.host.costs.sync_first_inputs, 1) - 1, 0.0)
+        self._add(self._extras(), 0.0)
+
+    def release_inputs(self, upto: int, t: float) -> None:
+        for j in range(self.released_inputs + 1, min(upto, self.host.m - 1) + 1):
+            self.inputs_due.append(j)
+            self.released_inputs = j
+
+    def started(self, r: int, a: Action, t: float) -> None:
+        if a.kind is K.F and (r, a.chunk) == self.host.rules.stages.embed_place:
+            self.release_inputs(a.microbatch + self.host.costs.if_lookahead + 1, t)
+
+    def finished(self, r: int, a: Action, t: float) -> None:
+        stages, i = self.host.rules.stages, a.microbatch
+        if a.kind is K.F and stages.next_place(r, a.chunk) is None:
+            self.outputs_left -= 1
+            self._add(tuple(Action(k, i) for k in OUTPUT_BARRIER) + self._extras(), t)
+        elif a.kind is K.B and stages.prev_place(r, a.chunk) is None:
+            self.grads_due.append(i)
+            if not self.outputs_left:  # no output barrier left to ride along with
+                self._add(self._extras(), t)
+
+    def input_ready(self, i: int) -> bool:
+        return (K.EMB_REDUCE, i) in self.host.plan.completion
+
+    def loss_grad_ready(self, i: int) -> bool:
+        return (K.DX_REDUCE, i) in self.host.plan.completion
+
+    def join(self, r: int, t: float) -> bool:
+        """Join the oldest barrier rank r has not run; the last rank to join starts it. Every rank
+        sees the barriers in the same order, so they can never wait in different ones."""
+        if self.next_barrier[r] >= len(self.barriers):
+            return False
+        barrier = self.barriers[self.next_barrier[r]]
+        self.next_barrier[r] += 1
+        barrier.joined += 1
+        self.host.busy[r] = True
+        if barrier.joined == self.host.p:
+            self._run(barrier, t)
+        return True
+
+    def _run(self, barrier: _Barrier, t: float) -> None:
+        # Every rank runs the same actions with the same nominal costs, so their times coincide.
+        plan = self.host.plan
+        for r in range(self.host.p):
+            now = t
+            for a in barrier.actions:
+                if a.kind.is_collective:
+                    plan.issues.setdefault((a.kind, a.microbatch), {})[r] = now
+                    plan.completion[(a.kind, a.microbatch)] = now
+                    continue
+                end = now + self.host.cost[a.kind]
+                plan.computes[r].append((a, now, end))
+                now = end
+            self.host.release_at(r, now)
+
+    def _extras(self) -> tuple[Action, ...]:
+        extras = [Action(k, j) for j in self.inputs_due for k in (K.IF, K.EMB_REDUCE)]
+        extras += [Action(k, j) for j in self.grads_due for k in (K.DEMB_BCAST, K.IB)]
+        self.inputs_due, self.grads_due = [], []
+        return tuple(extras)
+
+    def _add(self, actions: tuple[Action, ...], t: float) -> None:
+        if actions:
+            self.barriers.append(_Barrier(actions))
+            self.host.wake_all(t)
