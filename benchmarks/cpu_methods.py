@@ -98,8 +98,38 @@ def markdown(results: list[dict], command: str, meta: dict) -> str:
                          f"{r['vs_ideal']:.2f} | {busy} | {params} | {100 * r['param_imbalance']:.1f}% | {peak} |")
         lines.append(f"| {res['vocab']} | single process | {1000 * res['single_step_s']:.0f} | | ideal "
                      f"{1000 * res['ideal_s']:.0f} ms | | | | |")
-    lines += ["", f"Machine load (1-min average) before / after: {meta['load']}; wall time {meta['wall_s']} s.", ""]
+    lines += ["", *targets(results), "",
+              f"Machine load (1-min average) before / after: {meta['load']}; wall time {meta['wall_s']} s.", ""]
     return "\n".join(lines)
+
+
+VOCAB = ("interlaced", "vocab-naive", "vocab-1", "vocab-2")
+
+
+def targets(results: list[dict]) -> list[str]:
+    """The issue's targets, checked against this run's numbers (so the doc says what was met)."""
+    ok = {True: "met", False: "NOT met"}
+    worst = max(r["methods"][m]["vs_ideal"] for r in results for m in VOCAB)
+    largest = max(results, key=lambda r: r["vocab"])
+    t = {m: largest["methods"][m]["iter_s"] for m in largest["methods"]}
+    faster = {m: all(t[m] < t[o] for o in ("baseline", "redis", "interlaced")) for m in ("vocab-1", "vocab-2")}
+    imbalance = max(r["methods"][m]["param_imbalance"] for r in results for m in VOCAB)
+    return [
+        "Targets (computed from this run):",
+        f"- every vocabulary method within 15% of the ideal bound: worst {worst:.2f}× — {ok[worst <= 1.15]}. "
+        "Ratios below 1 happen because the ideal is derived from the single-process model, whose output "
+        "layer is `F.cross_entropy` on the full logits (autograd keeps logits, log-softmax and their "
+        "gradient); the sharded layer works in one fp32 buffer in place and costs less (see the "
+        "vocabulary-layer benchmark above).",
+        *[f"- {m} faster than baseline, redis and interlaced at V={largest['vocab']}: {1000 * t[m]:.0f} ms vs "
+          f"{1000 * t['baseline']:.0f} / {1000 * t['redis']:.0f} / {1000 * t['interlaced']:.0f} ms — {ok[faster[m]]}"
+          for m in ("vocab-1", "vocab-2")],
+        f"- per-stage parameter memory of the vocabulary methods within 10%: worst {100 * imbalance:.1f}% — "
+        f"{ok[imbalance <= 0.10]}.",
+        "- On two CPU processes a blocking collective costs microseconds, so the interlaced baseline "
+        "(synchronous, no overlap) loses little here; what the table shows clearly is the last stage's "
+        "bottleneck under baseline and redis (busy time) and its removal by every vocabulary method.",
+    ]
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import pickle
 import platform
-import re
 import socket
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _report import write_section
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vptrain.vocab import ALGOS, ProcessGroupComm, VocabShard, output_layer_step, padded_vocab_rows
@@ -245,18 +245,6 @@ def _reading(rows: list[dict]) -> list[str]:
     ]
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) only this benchmark's section; other sections belong to other benchmarks."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured figures and how to reproduce them.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
@@ -275,7 +263,7 @@ def main() -> None:
             "reps": args.reps, "dtype": "float32", "threads_per_rank": 1, "torch": torch.__version__,
             "wall_s": round(time.perf_counter() - started, 1), "load_avg_1min_before_after": load}  # fmt: skip
     args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    write_section(args.markdown, markdown(rows, args, command, load))
+    write_section(args.markdown, SECTION, markdown(rows, args, command, load))
     for r in rows:
         print(f"p={r['p']} {r['algo'] or r['path']:<10} chunk={r['chunk_tokens']:<4} store={r['store_softmax']!s:<5} "
               f"{1000 * r['time_s']:7.0f} ms x{r['time_ratio']:.2f}  {r['peak_bytes'] / 2**20:7.1f} MiB "

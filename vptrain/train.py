@@ -64,10 +64,17 @@ def train_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> dict | None:
     if launch.world_size > 1 or cfg.layout.pp > 1:
         init_process_group(cfg, launch, device, store)
     is_logger = launch.rank == 0
+    finished = False
     try:
-        return _train(cfg, launch, device, is_logger)
+        summary = _train(cfg, launch, device, is_logger)
+        finished = True
+        return summary
     finally:
         if dist.is_initialized():
+            if finished:
+                # Tear down together: a rank that destroys its gloo context while a peer is still
+                # using it can abort at exit ("terminate called without an active exception").
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -85,17 +85,8 @@ def test_torchrun_entry_point_equals_local_launch(tmp_path):
 
 def test_a_killed_rank_ends_the_job_with_the_rank_named(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vptrain.cli", "train", f"hydra.run.dir={run_dir}", "layout.pp=2", "logger=none",
-         "train.steps=100000", "train.collective_timeout_s=30"],
-        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    victim = _worker_pid(run_dir, rank=1)
-    os.kill(victim, signal.SIGKILL)
+    proc = start_long_run(run_dir, "layout.pp=2", "logger=none", "train.collective_timeout_s=30")
+    os.kill(worker_pid(run_dir, rank=1), signal.SIGKILL)
     killed_at = time.time()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
@@ -103,7 +94,22 @@ def test_a_killed_rank_ends_the_job_with_the_rank_named(tmp_path):
     assert time.time() - killed_at < 30
 
 
-def _worker_pid(run_dir, rank: int) -> int:
+def start_long_run(run_dir, *overrides: str) -> subprocess.Popen:
+    """Start a run that would train for ages; return once it has logged two steps."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vptrain.cli", "train", f"hydra.run.dir={run_dir}", *overrides, "train.steps=100000"],
+        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def worker_pid(run_dir, rank: int) -> int:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue

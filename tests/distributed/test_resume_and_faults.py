@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO, cli_env, run_cli, train_run
-from test_baseline import _worker_pid
+from conftest import run_cli, train_run
+from test_baseline import start_long_run, worker_pid
 
 pytestmark = pytest.mark.distributed
 
@@ -54,16 +52,8 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
 
 def test_a_stuck_rank_ends_the_job_after_the_collective_timeout(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vptrain.cli", "train", f"hydra.run.dir={run_dir}", *RUN[:-1], "train.steps=100000",
-         "train.collective_timeout_s=10"],
-        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    victim = _worker_pid(run_dir, rank=1)
+    proc = start_long_run(run_dir, *RUN[:-1], "train.collective_timeout_s=10")
+    victim = worker_pid(run_dir, rank=1)
     os.kill(victim, signal.SIGSTOP)  # alive but never answering: its peer waits in a collective / p2p
     stopped_at = time.time()
     try:

@@ -109,13 +109,31 @@ def build_engine_classes(ds):
     return StagedPipelineModule, TimedPipelineEngine
 
 
+def construct_engine(engine_cls, cfg: RunConfig, module, optimizer, scheduler, **extra):
+    """Build a DeepSpeed pipeline engine of our class directly: deepspeed.initialize() hard-codes
+    PipelineEngine / DualPipeVEngine."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds_cfg = deepspeed_config(cfg)
+    return engine_cls(
+        args=None,
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        mpu=module.mpu(),
+        dist_init_required=False,
+        config=ds_cfg,
+        config_class=DeepSpeedConfig(ds_cfg, module.mpu()),
+        **extra,
+    )
+
+
 class PipelineTrainer:
     def __init__(self, cfg: RunConfig, *, device: torch.device):
         ds = import_deepspeed(device.type)
         # Wraps the process group vptrain already created (no new rendezvous).
         ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
         from deepspeed.pipe import LayerSpec
-        from deepspeed.runtime.config import DeepSpeedConfig
 
         self.cfg, self.device = cfg, device
         module_cls, engine_cls = build_engine_classes(ds)
@@ -133,18 +151,8 @@ class PipelineTrainer:
         self.optimizer = build_optimizer(self.module.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.timer = BusyTimer(device)
-        ds_cfg = deepspeed_config(cfg)
-        self.engine = engine_cls(
-            args=None,
-            model=self.module,
-            optimizer=self.optimizer,
-            lr_scheduler=self.scheduler,
-            mpu=self.module.mpu(),
-            dist_init_required=False,
-            config=ds_cfg,
-            config_class=DeepSpeedConfig(ds_cfg, self.module.mpu()),
-            busy_timer=self.timer,
-        )
+        self.engine = construct_engine(engine_cls, cfg, self.module, self.optimizer, self.scheduler,
+                                       busy_timer=self.timer)
         self.stage = self.engine.stage_id
         self.num_stages = self.engine.num_stages
         self.dp_rank = self.engine.grid.data_parallel_id

@@ -6,15 +6,8 @@ from __future__ import annotations
 from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from vptrain.engine.lowering import (
-    InputBackward,
-    InputForward,
-    LoweredSchedule,
-    OutputBackward,
-    OutputForward,
-    VocabCollective,
-)
-from vptrain.engine.vocab_passes import VocabPassesMixin
+from vptrain.engine.lowering import LoweredSchedule
+from vptrain.engine.vocab_passes import VocabPassesMixin, vocab_handlers
 
 
 class VocabPipelineEngine(VocabPassesMixin, PipelineEngine):
@@ -86,9 +79,5 @@ class VocabPipelineEngine(VocabPassesMixin, PipelineEngine):
         ds.SendGrad: _exec_send_grads,
         ds.RecvGrad: _exec_recv_grads,
         ds.OptimizerStep: _exec_optimizer_step,
-        InputForward: VocabPassesMixin._exec_input_forward,
-        InputBackward: VocabPassesMixin._exec_input_backward,
-        OutputForward: VocabPassesMixin._exec_output_forward,
-        OutputBackward: VocabPassesMixin._exec_output_backward,
-        VocabCollective: VocabPassesMixin._exec_vocab_collective,
+        **vocab_handlers(),
     }

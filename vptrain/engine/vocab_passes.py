@@ -228,3 +228,22 @@ class VocabPassesMixin:
             parameters=self.module.parameters(), max_norm=self.gradient_clipping(), mpu=self.mpu
         )
 
+
+
+def vocab_handlers() -> dict:
+    """The vocabulary instructions' handlers, for an engine's _INSTRUCTION_MAP."""
+    from vptrain.engine.lowering import (
+        InputBackward,
+        InputForward,
+        OutputBackward,
+        OutputForward,
+        VocabCollective,
+    )
+
+    return {
+        InputForward: VocabPassesMixin._exec_input_forward,
+        InputBackward: VocabPassesMixin._exec_input_backward,
+        OutputForward: VocabPassesMixin._exec_output_forward,
+        OutputBackward: VocabPassesMixin._exec_output_backward,
+        VocabCollective: VocabPassesMixin._exec_vocab_collective,
+    }

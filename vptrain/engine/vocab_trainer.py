@@ -20,8 +20,14 @@ import torch.distributed as dist
 from vptrain import vocab
 from vptrain.config import VOCAB_METHODS, RunConfig, microbatches, padded_vocab_size
 from vptrain.engine.common import BusyTimer, Microbatch, StepResult, gpt_shape
-from vptrain.engine.deepspeed_setup import deepspeed_config, import_deepspeed
-from vptrain.engine.pipeline import PipelineTrainer, layer_boundaries, make_topology, stage_layer_counts
+from vptrain.engine.deepspeed_setup import import_deepspeed
+from vptrain.engine.pipeline import (
+    PipelineTrainer,
+    construct_engine,
+    layer_boundaries,
+    make_topology,
+    stage_layer_counts,
+)
 from vptrain.model import layer_list, lm_loss, output_weight_rows, token_embedding_rows
 from vptrain.optim import build_optimizer, build_scheduler
 
@@ -73,7 +79,6 @@ class VocabTrainer(PipelineTrainer):
         ds = import_deepspeed(device.type)
         ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
         from deepspeed.pipe import LayerSpec
-        from deepspeed.runtime.config import DeepSpeedConfig
 
         self.cfg, self.device = cfg, device
         pp = cfg.layout.pp
@@ -124,19 +129,8 @@ class VocabTrainer(PipelineTrainer):
             num_microbatches=microbatches(cfg),
             loss_chunk=1 if vhalf else 0,
         )
-        ds_cfg = deepspeed_config(cfg)
-        self.engine = engine_cls(
-            args=None,
-            model=self.module,
-            optimizer=self.optimizer,
-            lr_scheduler=self.scheduler,
-            mpu=self.module.mpu(),
-            dist_init_required=False,
-            config=ds_cfg,
-            config_class=DeepSpeedConfig(ds_cfg, self.module.mpu()),
-            plan=self.plan,
-            busy_timer=self.timer,
-        )
+        self.engine = construct_engine(engine_cls, cfg, self.module, self.optimizer, self.scheduler,
+                                       plan=self.plan, busy_timer=self.timer)
         self.stage, self.num_stages, self.dp_rank = stage, pp, dp_rank
         assert self.engine.stage_id == stage and self.engine.grid.data_parallel_id == dp_rank
 

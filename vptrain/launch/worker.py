@@ -35,6 +35,7 @@ def run_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> int:
 
     try:
         train_worker(cfg, launch, store)
+        _leave(store, launch)
         return 0
     except TrainingError as err:
         print(f"vptrain: rank {launch.rank}: {err}", file=sys.stderr, flush=True)
@@ -43,6 +44,21 @@ def run_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> int:
         traceback.print_exc()
         print(f"vptrain: rank {launch.rank} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
+
+
+def _leave(store, launch: LaunchEnv, timeout_s: float = 30.0) -> None:
+    """Rank 0 hosts the rendezvous store: it stays until every rank has finished with it, so no
+    rank's store client loses its server while the process is shutting down."""
+    if store is None:
+        return
+    import time
+
+    store.add("vptrain/exited", 1)
+    if launch.rank != 0:
+        return
+    deadline = time.monotonic() + timeout_s
+    while store.add("vptrain/exited", 0) < launch.world_size and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def run_follower(launch: LaunchEnv, timeout_s: float = 600.0) -> int:
