@@ -14,7 +14,7 @@ from vptrain.config import METHODS, PRECISIONS, SCHEDULES, VOCAB_METHODS, RunCon
 # Which methods each schedule can run (the paper's comparison set).
 SCHEDULE_METHODS = {
     "1f1b": METHODS,
-    "vhalf": ("baseline", "vocab-1", "vocab-2"),
+    "vhalf": ("baseline", "vocab-naive", "vocab-1", "vocab-2"),
 }
 
 

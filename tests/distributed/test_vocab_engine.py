@@ -52,6 +52,7 @@ CASES = [
     case("vocab-1", 4, 8, layers=8, **{"schedule.name": "vhalf"}),
     case("vocab-2", 2, 4, tie=True, **{"schedule.name": "vhalf"}),
     case("vocab-2", 4, 9, vocab=510, layers=8, **{"schedule.name": "vhalf"}),
+    case("vocab-naive", 2, 5, vocab=509, **{"schedule.name": "vhalf"}),
     case("redis", 4, 4, layers=6),
     case("baseline", 4, 5),
     case("vocab-2", 2, 3, **{"optim.name": "adamw", "optim.lr": 0.01}),
