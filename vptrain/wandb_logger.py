@@ -125,4 +125,7 @@ class WandbLogger:
         self.run.mark_preempting()
 
     def finish(self, exit_code: int = 0) -> None:
+        offline_dir = os.path.dirname(self.run.dir) if self.mode == "offline" else None
         self.run.finish(exit_code=exit_code)
+        if offline_dir:
+            print(f"vptrain: W&B run saved offline; upload it with: wandb sync {offline_dir}", flush=True)
