@@ -86,21 +86,21 @@ def run_local(run_dir: str, *, world_size: int, pp: int, master_addr: str = "127
 
 def _watch(workers: list[Worker], pp: int) -> int:
     while True:
-        running = 0
-        for w in workers:
-            code = w.proc.poll()
-            if code is None:
-                running += 1
-            elif code != 0:
-                if w.pump:
-                    w.pump.join(timeout=2)
-                _stop_all(workers)
-                stage, dp = w.rank % pp, w.rank // pp
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                print(f"\nvptrain: rank {w.rank} (stage {stage}, dp {dp}) {how}; stopped the other ranks.\n"
-                      f"--- last lines of {w.log_path} ---\n{_tail(w.log_path)}", file=sys.stderr, flush=True)
-                return code if code > 0 else 1
-        if running == 0:
+        codes = [(w, w.proc.poll()) for w in workers]
+        failed = [(w, c) for w, c in codes if c not in (None, 0)]
+        if failed:
+            # When several ranks are down at once, the one killed by a signal (or the lowest rank
+            # otherwise) is the likelier cause: its peers usually fail because it vanished.
+            w, code = min(failed, key=lambda wc: (wc[1] > 0, wc[0].rank))
+            if w.pump:
+                w.pump.join(timeout=2)
+            _stop_all(workers)
+            stage, dp = w.rank % pp, w.rank // pp
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            print(f"\nvptrain: rank {w.rank} (stage {stage}, dp {dp}) {how}; stopped the other ranks.\n"
+                  f"--- last lines of {w.log_path} ---\n{_tail(w.log_path)}", file=sys.stderr, flush=True)
+            return code if code > 0 else 1
+        if all(c == 0 for _, c in codes):
             for w in workers:
                 if w.pump:
                     w.pump.join(timeout=5)
