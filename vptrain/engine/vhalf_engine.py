@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
-from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from vptrain.engine.lowering import LoweredSchedule
 from vptrain.engine.vocab_passes import VocabPassesMixin, vocab_handlers
@@ -89,10 +88,6 @@ class VHalfEngine(VocabPassesMixin, DualPipeVEngine):
     def _exec_recv_grads(self, buffer_id, phase):
         self._comm("RECV_B", DualPipeVEngine._exec_recv_grads, buffer_id, phase)
 
-    def _exec_optimizer_step(self, lr_kwargs=None):
-        self._finish_collectives()
-        PipelineEngine._exec_optimizer_step(self, lr_kwargs)
-
     _INSTRUCTION_MAP = {
         **DualPipeVEngine._INSTRUCTION_MAP,
         ds.ForwardPass: _exec_forward_pass,
@@ -101,6 +96,5 @@ class VHalfEngine(VocabPassesMixin, DualPipeVEngine):
         ds.RecvActivation: _exec_recv_activations,
         ds.SendGrad: _exec_send_grads,
         ds.RecvGrad: _exec_recv_grads,
-        ds.OptimizerStep: _exec_optimizer_step,
         **vocab_handlers(),
     }

@@ -65,10 +65,6 @@ class VocabPipelineEngine(VocabPassesMixin, PipelineEngine):
         # the schedule may receive another before running this backward.
         self._put("recv_grad", buffer_id, self.grad_layer.clone())
 
-    def _exec_optimizer_step(self, lr_kwargs=None):
-        self._finish_collectives()
-        PipelineEngine._exec_optimizer_step(self, lr_kwargs)
-
     # The map holds function objects: every overridden handler must be registered again.
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
@@ -78,6 +74,5 @@ class VocabPipelineEngine(VocabPassesMixin, PipelineEngine):
         ds.RecvActivation: _exec_recv_activations,
         ds.SendGrad: _exec_send_grads,
         ds.RecvGrad: _exec_recv_grads,
-        ds.OptimizerStep: _exec_optimizer_step,
         **vocab_handlers(),
     }

@@ -213,6 +213,12 @@ class VocabPassesMixin:
             grad = torch.empty(p.act_shape, dtype=p.act_dtype, device=self.device)
         self._put("demb_bcast", mb, (vocab.grad_broadcast(grad, p.comm, p.embed_stage, async_op=True), grad))
 
+    def _exec_optimizer_step(self, lr_kwargs=None):
+        from deepspeed.runtime.pipe.engine import PipelineEngine
+
+        self._finish_collectives()
+        PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+
     def _finish_collectives(self) -> None:
         # Collectives whose result this rank does not use (a reduce it only contributed to, the
         # all-reduced input gradient off the loss rank) must still complete before the weights change.
@@ -231,7 +237,10 @@ class VocabPassesMixin:
 
 
 def vocab_handlers() -> dict:
-    """The vocabulary instructions' handlers, for an engine's _INSTRUCTION_MAP."""
+    """The vocabulary instructions' handlers (and the optimizer step that first completes the
+    outstanding collectives), for an engine's _INSTRUCTION_MAP."""
+    from deepspeed.runtime.pipe.schedule import OptimizerStep
+
     from vptrain.engine.lowering import (
         InputBackward,
         InputForward,
@@ -246,4 +255,5 @@ def vocab_handlers() -> dict:
         OutputForward: VocabPassesMixin._exec_output_forward,
         OutputBackward: VocabPassesMixin._exec_output_backward,
         VocabCollective: VocabPassesMixin._exec_vocab_collective,
+        OptimizerStep: VocabPassesMixin._exec_optimizer_step,
     }
