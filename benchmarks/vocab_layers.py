@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/vocab_layers.py  # writes benchmarks/results/vocab_layers.json and
                                                  # the "Vocabulary layers (issue 3)" section of docs/BENCHMARKS.md
+    .venv/bin/python benchmarks/vocab_layers.py --chunks  # the time cost of vocab.chunk_tokens, fp32 and
+                                                 # bf16: results/vocab_chunks.json, "Output-layer chunks (issue 9)"
 
 For p = 1 and p = 2 gloo processes (1 intra-op thread each, so p=2 uses both cores of these
 machines), times one microbatch's forward + backward of the output layer: for the sharded layer
@@ -35,10 +37,13 @@ import torch.nn.functional as F
 from _report import write_section
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vptrain.schedule.costs import CHUNK_MULTIPLE, CHUNK_TRANSIENT_SHARE, ModelShape, default_chunk_tokens
 from vptrain.vocab import ALGOS, ProcessGroupComm, VocabShard, output_layer_step, padded_vocab_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Vocabulary layers (issue 3)"
+CHUNK_SECTION = "## Output-layer chunks (issue 9)"
+CHUNK_FRACTIONS = (0, 16, 8, 4)  # chunk_tokens = N / fraction (0: one chunk)
 
 
 class PeakTensorBytes(TorchDispatchMode):
@@ -86,6 +91,13 @@ def _configs(tokens: int) -> list[dict]:
     return out
 
 
+def _chunk_configs(tokens: int) -> list[dict]:
+    """Chunk sizes against one chunk, for both stored and recomputed softmax, fp32 and bf16 weights."""
+    return [dict(path="vocab", algo=algo, chunk_tokens=tokens // f if f else 0, store_softmax=store, dtype=dtype)
+            for dtype in ("float32", "bfloat16") for algo in ("alg1", "alg2") for store in (True, False)
+            for f in CHUNK_FRACTIONS]  # fmt: skip
+
+
 def _rank_main(rank: int, p: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -102,7 +114,7 @@ def _rank_main(rank: int, p: int, port: int, args: argparse.Namespace, out_dir: 
     shard = VocabShard.of(vocab, p, rank)
     w_shard = weight[shard.start : shard.end].clone()
     steps = []
-    for cfg in _configs(n):
+    for cfg in _chunk_configs(n) if args.chunks else _configs(n):
         if cfg["path"] == "unsharded" and p > 1:
             continue  # the baseline is the single-process path; measured in the p=1 group
         if cfg["path"] == "unsharded":
@@ -115,9 +127,12 @@ def _rank_main(rank: int, p: int, port: int, args: argparse.Namespace, out_dir: 
 
         else:
 
-            def step(cfg=cfg) -> None:
+            dtype = getattr(torch, cfg.get("dtype", "float32"))
+            x_in, w_in = x.to(dtype), w_shard.to(dtype)
+
+            def step(cfg=cfg, xd=x_in, wd=w_in) -> None:
                 output_layer_step(
-                    x, w_shard, labels, shard, comm, cfg["algo"], loss_normalizer=n,
+                    xd, wd, labels, shard, comm, cfg["algo"], loss_normalizer=n,
                     chunk_tokens=cfg["chunk_tokens"], store_softmax=cfg["store_softmax"],
                 )  # fmt: skip
 
@@ -159,15 +174,72 @@ def _free_port() -> int:
 def run(args: argparse.Namespace) -> list[dict]:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as out_dir:
-        for p in (1, 2):
+        for p in (1,) if args.chunks else (1, 2):
             mp.spawn(_rank_main, args=(p, _free_port(), args, out_dir), nprocs=p)
             with open(os.path.join(out_dir, f"p{p}.pkl"), "rb") as f:
                 rows += pickle.load(f)
-    base = next(r for r in rows if r["path"] == "unsharded")
     for r in rows:
+        # Against the unsharded path, or (--chunks) against the same configuration in one chunk.
+        base = next(q for q in rows if q["path"] == "unsharded") if not args.chunks else next(
+            q for q in rows if q["chunk_tokens"] == 0 and all(q[k] == r[k] for k in ("algo", "store_softmax", "dtype")))
         r["time_ratio"] = r["time_s"] / base["time_s"]
+        r["time_min_ratio"] = r["time_min_s"] / base["time_min_s"]
         r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
     return rows
+
+
+def chunk_markdown(rows: list[dict], args: argparse.Namespace, command: str, load: tuple[float, float]) -> str:
+    lines = [
+        CHUNK_SECTION,
+        "",
+        f"The time cost of `vocab.chunk_tokens`: one microbatch of the output layer (S, statistics, loss, g, T, as "
+        f"`vptrain.vocab.output_layer_step`), N={args.tokens} tokens, h={args.hidden}, V={args.vocab}, one rank "
+        f"(p=1), 1 thread, {os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}. Every "
+        "ratio is against the same configuration in one chunk, measured in the same run (median of "
+        f"{args.reps} rounds, configurations round-robin). bf16: bf16 weights and activations, fp32 "
+        "accumulation (on CPU through fp32 copies of the bf16 operands, taken in blocks; on CUDA the GEMM "
+        f"writes fp32 itself). 1-minute load average {load[0]} before, {load[1]} after, on 2 shared cores.",
+        "",
+        "Reproduce (about 2 minutes on 2 cores):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| dtype | algo | store_softmax | chunk_tokens | ms: median (min) | × one chunk: median (min) | peak MiB "
+        "| × one chunk |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dtype']} | {r['algo']} | {r['store_softmax']} | {r['chunk_tokens']} | "
+            f"{1000 * r['time_s']:.0f} ({1000 * r['time_min_s']:.0f}) | {r['time_ratio']:.2f} "
+            f"({r['time_min_ratio']:.2f}) | {r['peak_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f} |"
+        )
+    chunked = [r for r in rows if r["chunk_tokens"] > 0]
+    lines.append("")
+    for store in (True, False):
+        part = [r["time_min_ratio"] for r in chunked if r["store_softmax"] == store]
+        mem = [r["memory_ratio"] for r in chunked if r["store_softmax"] == store]
+        lines.append(
+            f"- store_softmax={store}: chunks of N/16 to N/4 tokens take {min(part):.2f}–{max(part):.2f}× the "
+            f"one-chunk time (ratio of the fastest rounds, the least disturbed by other jobs), at "
+            f"{min(mem):.2f}–{max(mem):.2f}× its peak."
+        )
+    # What the plan picks when vocab.chunk_tokens is unset, for two paper-sized microbatches (bf16, 80 GiB).
+    big = ModelShape(vocab=262144, vocab_rows=262144, layers=32, hidden=3072, seq=2048, micro_batch=8, act_bytes=2)
+    paper = ModelShape(vocab=262144, vocab_rows=262144, layers=32, hidden=3072, seq=2048, micro_batch=1, act_bytes=2)
+    picked = default_chunk_tokens(big, p=2, act_bytes=2, memory_bytes=80 * 2**30)
+    paper_picked = default_chunk_tokens(paper, p=8, act_bytes=2, memory_bytes=80 * 2**30)
+    lines.append(
+        f"- When `vocab.chunk_tokens` is left unset, the plan picks the largest multiple of {CHUNK_MULTIPLE} "
+        f"tokens whose transient logits (fp32, plus their bf16 copy under bf16) fit "
+        f"1/{round(1 / CHUNK_TRANSIENT_SHARE)} of `cluster.gpu_memory_gb`, or one chunk when the whole microbatch fits "
+        f"(`vptrain plan` prints the choice). bf16 on 80 GiB: {picked or 'one chunk'} tokens for the 4B model "
+        f"at pp=2, V=256k, 8 sequences of 2048 per microbatch; "
+        f"{'one chunk' if paper_picked == 0 else paper_picked} at the paper's 8-GPU setting (pp=8, 1 sequence)."
+    )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, command: str, load: tuple[float, float]) -> str:
@@ -253,19 +325,27 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks/results/vocab_layers.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "docs/BENCHMARKS.md")
+    parser.add_argument("--chunks", action="store_true", help="measure the time cost of vocab.chunk_tokens")
     args = parser.parse_args()
+    if args.chunks and args.json == parser.get_default("json"):
+        args.json = REPO / "benchmarks/results/vocab_chunks.json"
     command = ".venv/bin/python benchmarks/vocab_layers.py" + "".join(f" {a}" for a in sys.argv[1:])
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     rows = run(args)
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": command, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
-            "reps": args.reps, "dtype": "float32", "threads_per_rank": 1, "torch": torch.__version__,
+            "reps": args.reps, "dtype": "float32,bfloat16" if args.chunks else "float32", "threads_per_rank": 1,
+            "torch": torch.__version__,
             "wall_s": round(time.perf_counter() - started, 1), "load_avg_1min_before_after": load}  # fmt: skip
     args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    write_section(args.markdown, SECTION, markdown(rows, args, command, load))
+    if args.chunks:
+        write_section(args.markdown, CHUNK_SECTION, chunk_markdown(rows, args, command, load))
+    else:
+        write_section(args.markdown, SECTION, markdown(rows, args, command, load))
     for r in rows:
-        print(f"p={r['p']} {r['algo'] or r['path']:<10} chunk={r['chunk_tokens']:<4} store={r['store_softmax']!s:<5} "
+        print(f"p={r['p']} {r.get('dtype', '')} {r['algo'] or r['path']:<10} chunk={r['chunk_tokens']:<4} "
+              f"store={r['store_softmax']!s:<5} "
               f"{1000 * r['time_s']:7.0f} ms x{r['time_ratio']:.2f}  {r['peak_bytes'] / 2**20:7.1f} MiB "
               f"x{r['memory_ratio']:.2f}")  # fmt: skip
     print(f"wrote {args.json} and {args.markdown} in {meta['wall_s']} s")

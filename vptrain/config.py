@@ -61,8 +61,9 @@ class ScheduleConfig:
 class VocabConfig:
     pad_to_multiple_of: int = 1
     """Pad the vocabulary (beyond the multiple of pp it always gets) for GEMM efficiency."""
-    chunk_tokens: int = 0
-    """Process the output layer in chunks of this many tokens (0: all at once)."""
+    chunk_tokens: int | None = None
+    """Process the output layer in chunks of this many tokens (0: all at once). Unset: the plan picks
+    the largest chunk whose transient logits fit a share of cluster.gpu_memory_gb (plan.chunk_tokens_of)."""
     store_softmax: bool = True
     """Keep the fp32 shard softmax from S to T (false: recompute the logits in T)."""
 
@@ -90,6 +91,9 @@ class TrainConfig:
     """A collective that takes longer than this ends the job (a dead or stuck rank)."""
     record_passes: bool = False
     """Record the executed pass order per rank into the run directory (tests)."""
+    strict_comm_order: bool = False
+    """Check at run time that every two ranks issue the operations they share in one order, failing
+    with both ranks' operations named (tests; a few store round trips per operation)."""
     dump_params: bool = False
     """Save every stage's final parameters under run_dir/params (equivalence tests)."""
 

@@ -31,6 +31,7 @@ from vptrain.schedule import (
     validate_schedule,
 )
 from vptrain.schedule.costs import (
+    default_chunk_tokens,
     device_profile,
     model_flops,
     parameter_count,
@@ -72,6 +73,19 @@ class Plan:
         return self.sim.makespan
 
 
+def chunk_tokens_of(cfg: RunConfig) -> int:
+    """vocab.chunk_tokens as the run uses it: the user's value, or, left unset, the largest chunk
+    whose transient logits fit a share of cluster.gpu_memory_gb (costs.default_chunk_tokens).
+    The trainer calls this too, so `vptrain plan` prints what runs."""
+    if cfg.vocab.chunk_tokens is not None:
+        return cfg.vocab.chunk_tokens
+    if cfg.method.name in ("baseline", "redis"):
+        return 0  # no vocabulary passes
+    shape = model_shape(cfg)
+    return default_chunk_tokens(shape, p=cfg.layout.pp, act_bytes=shape.act_bytes,
+                                memory_bytes=cfg.cluster.gpu_memory_gb * GIB)
+
+
 def make_plan(cfg: RunConfig) -> Plan:
     """Layout, schedule (validated), simulation and memory for `cfg`; pure, starts nothing."""
     p, m = cfg.layout.pp, microbatches(cfg)
@@ -85,7 +99,7 @@ def make_plan(cfg: RunConfig) -> Plan:
     chunk_layers = [lay.layers for lay in layouts]
     costs = pass_costs(
         shape, method=cfg.method.name, p=p, chunk_layers=chunk_layers, loss_place=stages.loss_place,
-        precision=cfg.precision, device=device,
+        precision=cfg.precision, device=device, store_softmax=cfg.vocab.store_softmax,
     )
     sim = simulate(schedule, costs, rules=rules)
     flops = pass_flops(shape, method=cfg.method.name, p=p, chunk_layers=chunk_layers, loss_place=stages.loss_place)
@@ -105,7 +119,8 @@ def make_plan(cfg: RunConfig) -> Plan:
         )
         memory["activations"] = sim.peak_activation[r]
         loss_held = _chunk_peak(schedule, r, loss_chunk) if r == loss_rank else 0
-        memory["vocab_buffers"] = vocab_buffer_bytes(
+        # Vocabulary methods: every buffer timed over the schedule (schedule/memory.py).
+        memory["vocab_buffers"] = float(sim.peak_vocab_bytes[r]) if sim.peak_vocab_bytes else vocab_buffer_bytes(
             shape, method=cfg.method.name, p=p, in_flight_vocab=sim.peak_vocab_in_flight[r], loss_in_flight=loss_held
         )
         step_flops = sum(flops[r].get((a.kind, a.chunk), 0.0) for a in schedule.ranks[r] if a.kind.is_compute)
@@ -192,8 +207,15 @@ def _config_summary(cfg: RunConfig) -> dict:
         "vocab": m.vocab_size, "vocab_rows": padded_vocab_size(cfg), "method": cfg.method.name,
         "schedule": cfg.schedule.name, "pp": cfg.layout.pp, "dp": cfg.layout.dp, "microbatches": microbatches(cfg),
         "micro_batch_size": cfg.train.micro_batch_size, "precision": cfg.precision,
+        "chunk_tokens": chunk_tokens_of(cfg), "chunk_tokens_chosen": cfg.vocab.chunk_tokens is None,
         "profile": cfg.cluster.profile, "gpu_memory_gb": cfg.cluster.gpu_memory_gb,
     }
+
+
+def _chunks(c: dict) -> str:
+    chunk = c["chunk_tokens"]
+    what = "all tokens of a microbatch at once" if chunk == 0 else f"chunks of {chunk} tokens"
+    return f"{what} (vocab.chunk_tokens={'unset: chosen from gpu_memory_gb' if c['chunk_tokens_chosen'] else chunk})"
 
 
 def _si(x: float) -> str:
@@ -212,6 +234,7 @@ def format_report(plan: Plan) -> str:
         f"  pp {c['pp']} x dp {c['dp']} = {c['pp'] * c['dp']} ranks, {c['microbatches']} microbatches of "
         f"{c['micro_batch_size']} per pipeline, {c['precision']}, profile {c['profile']} "
         f"({c['gpu_memory_gb']:g} GB per device)",
+        f"  output layer: {_chunks(c)}",
         "",
         "rank map (rank = dp_index * pp + pp_index: the pipeline index varies fastest)",
     ]

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -14,7 +15,8 @@ import torch.distributed as dist
 from vptrain import checkpoint
 from vptrain.config import RunConfig, to_dict
 from vptrain.data import StepData
-from vptrain.launch.env import LaunchEnv
+from vptrain.engine.deepspeed_setup import new_groups_time_out_after
+from vptrain.launch.env import LaunchEnv, cuda_device_index, nccl_environment
 from vptrain.metrics import RunMetrics, gather_stage_stats, rank_stats
 from vptrain.preempt import Preemption
 
@@ -24,22 +26,54 @@ class TrainingError(RuntimeError):
 
 
 def resolve_device(cfg: RunConfig, local_rank: int) -> torch.device:
+    """This rank's device; on CUDA it is bound here, once, for torch and for DeepSpeed."""
     want = cfg.cluster.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
+        index = cuda_device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        # DeepSpeed takes LOCAL_RANK for the device ordinal (PipelineModule moves itself to
+        # cuda:LOCAL_RANK, the engine calls set_device(LOCAL_RANK)); under per-task GPU binding the
+        # ordinal is 0 while the local rank is not, so DeepSpeed is given the ordinal.
+        os.environ["LOCAL_RANK"] = str(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
-def init_process_group(cfg: RunConfig, launch: LaunchEnv, device: torch.device, store) -> None:
-    backend = "nccl" if device.type == "cuda" else "gloo"
+@dataclass(frozen=True)
+class ProcessGroupSpec:
+    backend: str
+    timeout: timedelta  # every group's: the default one, the vocabulary groups and DeepSpeed's
+    env: dict[str, str]  # set before the backend initialises
+
+
+def process_group_spec(cfg: RunConfig, device_type: str, environ: dict[str, str] | None = None) -> ProcessGroupSpec:
+    nccl = device_type == "cuda"
+    return ProcessGroupSpec(
+        backend="nccl" if nccl else "gloo",
+        timeout=timedelta(seconds=cfg.train.collective_timeout_s),
+        env=nccl_environment(environ) if nccl else {},
+    )
+
+
+def init_process_group(cfg: RunConfig, launch: LaunchEnv, device: torch.device, store) -> ProcessGroupSpec:
+    spec = process_group_spec(cfg, device.type)
+    os.environ.update(spec.env)
     dist.init_process_group(
-        backend=backend,
+        backend=spec.backend,
         store=store,
         rank=launch.rank,
         world_size=launch.world_size,
-        timeout=timedelta(seconds=cfg.train.collective_timeout_s),
+        timeout=spec.timeout,
     )
+    return spec
+
+
+def _barrier(device: torch.device) -> None:
+    """NCCL's barrier is a collective on a device: name ours rather than let torch guess one."""
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
 
 
 def build_trainer(cfg: RunConfig, device: torch.device, rank: int):
@@ -66,7 +100,9 @@ def train_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> dict | None:
     is_logger = launch.rank == 0
     finished = False
     try:
-        summary = _train(cfg, launch, device, is_logger)
+        # DeepSpeed creates its groups (some lazily) without a timeout: they get ours.
+        with new_groups_time_out_after(timedelta(seconds=cfg.train.collective_timeout_s)):
+            summary = _train(cfg, launch, device, is_logger)
         finished = True
         return summary
     finally:
@@ -74,7 +110,7 @@ def train_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> dict | None:
             if finished:
                 # Tear down together: a rank that destroys its gloo context while a peer is still
                 # using it can abort at exit ("terminate called without an active exception").
-                dist.barrier()
+                _barrier(device)
             dist.destroy_process_group()
 
 

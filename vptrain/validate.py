@@ -108,7 +108,7 @@ def _positive(cfg: RunConfig) -> None:
         "train.grad_clip": cfg.train.grad_clip,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.stop_at_step": cfg.train.stop_at_step,
-        "vocab.chunk_tokens": cfg.vocab.chunk_tokens,
+        "vocab.chunk_tokens": 0 if cfg.vocab.chunk_tokens is None else cfg.vocab.chunk_tokens,  # None: the plan's
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.min_lr": cfg.optim.min_lr,
     }.items():

@@ -34,11 +34,13 @@ def make_config(overrides: dict, run_dir: str):
     return OmegaConf.to_object(merged)
 
 
-def train_steps(cfg, trainer) -> list[float]:
+def train_steps(cfg, trainer) -> tuple[list[float], list[float | None]]:
+    """Per step: the loss and the gradient norm the trainer clipped with."""
     from vptrain.data import StepData
 
     data = StepData(cfg)
-    return [trainer.train_step(data.microbatches(step, trainer.dp_rank)).loss for step in range(cfg.train.steps)]
+    results = [trainer.train_step(data.microbatches(step, trainer.dp_rank)) for step in range(cfg.train.steps)]
+    return [r.loss for r in results], [r.grad_norm for r in results]
 
 
 def reference(cfg) -> tuple[list[float], dict]:
@@ -52,7 +54,8 @@ def reference(cfg) -> tuple[list[float], dict]:
     validate(ref_cfg)
     trainer = SingleProcessTrainer(ref_cfg, device=torch.device("cpu"))
     initial = trainer.named_parameters_global()
-    return train_steps(ref_cfg, trainer), trainer.named_parameters_global(), initial
+    losses, norms = train_steps(ref_cfg, trainer)
+    return losses, norms, trainer.named_parameters_global(), initial
 
 
 def run_case(index: int, case: dict, out_dir: str, rank: int, store) -> None:
@@ -66,23 +69,24 @@ def run_case(index: int, case: dict, out_dir: str, rank: int, store) -> None:
         validate(cfg)
         os.makedirs(run_dir, exist_ok=True)
         dist.init_process_group("gloo", store=dist.PrefixStore(f"case{index}", store), rank=rank,
-                                world_size=world, timeout=timedelta(seconds=60))
+                                world_size=world, timeout=timedelta(seconds=300))  # a hang guard only
         try:
             trainer = build_trainer(cfg, torch.device("cpu"), rank)
-            losses = train_steps(cfg, trainer)
+            losses, norms = train_steps(cfg, trainer)
             params = trainer.named_parameters_global() if trainer.dp_rank == 0 else {}
             gathered: list = [None] * world
             dist.all_gather_object(gathered, params)
             if rank == 0:
                 merged = {k: v for part in gathered for k, v in part.items()}
-                torch.save({"losses": losses, "params": merged}, os.path.join(run_dir, "result.pt"))
+                torch.save({"losses": losses, "grad_norms": norms, "params": merged},
+                           os.path.join(run_dir, "result.pt"))
             del trainer
         finally:
             dist.destroy_process_group()
             gc.collect()
     if rank == 0:
-        ref_losses, ref_params, initial = reference(cfg)
-        torch.save({"losses": ref_losses, "params": ref_params, "initial": initial},
+        ref_losses, ref_norms, ref_params, initial = reference(cfg)
+        torch.save({"losses": ref_losses, "grad_norms": ref_norms, "params": ref_params, "initial": initial},
                    os.path.join(run_dir, "reference.pt"))
 
 

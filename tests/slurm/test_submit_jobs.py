@@ -4,10 +4,9 @@ become independent jobs that `vptrain compare` summarises, and W&B gets the righ
 from __future__ import annotations
 
 import hashlib
-import time
 
 import pytest
-from _slurm import log_tail, submit, summary, wait_done
+from _slurm import job_state, log_tail, submit, summary, wait_done
 from conftest import cli_env, run_cli, train_run
 from wandb_reader import find_run_files, read_run
 
@@ -64,12 +63,12 @@ def test_jobs_on_one_and_two_nodes_train_like_a_local_run(tmp_path, slurm_cluste
 
 def test_sweep_submits_one_job_per_point_and_compare_summarises_them(tmp_path, slurm_cluster):
     sweep = tmp_path / "vocab-sweep"
-    start = time.monotonic()
     jobs = submit("-m", "cluster=slurm-dev", f"hydra.sweep.dir={sweep}", "layout.pp=2", "train.steps=6",
                   "method=baseline", "model.vocab_size=256,1024", "logger=wandb", "logger.mode=offline")
-    submitted_in = time.monotonic() - start
     assert len(jobs) == 2 and len(set(jobs)) == 2
-    assert submitted_in < 60, "submit returns without waiting for the jobs"
+    # submit returns without waiting for the jobs: they are still queued or running (a job takes
+    # seconds just to import torch). A check on the state, not on how long submit took.
+    assert any(job_state(job)[0] for job in jobs), "submit waited for the jobs to finish"
     for job, point in zip(jobs, ("0", "1"), strict=True):
         wait_done(job, sweep / point)
 

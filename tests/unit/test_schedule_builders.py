@@ -9,11 +9,14 @@ import pytest
 
 from vptrain.schedule import (
     Action,
+    DeadlockError,
+    PassCosts,
     PassKind,
     Schedule,
     ScheduleError,
     build_schedule,
     memory_profile,
+    simulate,
     validate_schedule,
 )
 
@@ -150,15 +153,20 @@ def test_mismatched_sends_and_receives_are_rejected() -> None:
         validate_schedule(_replace_row(s, 1, bad))
 
 
-def test_a_deadlock_is_rejected_with_who_waits_on_whom() -> None:
+def test_a_deadlock_is_reported_with_who_waits_on_whom() -> None:
     s = build_schedule("baseline", "1f1b", 2, 2)
     row = list(s.ranks[0])
     send, recv = row.index(Action(K.SEND_F, 1)), row.index(Action(K.RECV_B, 0))
     row.insert(send, row.pop(recv))  # rank 0 now waits for a gradient before sending F1
-    with pytest.raises(ScheduleError, match="deadlock") as err:
-        validate_schedule(_replace_row(s, 0, row))
+    bad = _replace_row(s, 0, row)
+    with pytest.raises(DeadlockError, match="deadlock") as err:
+        simulate(bad, PassCosts.uniform(2))
     assert "waits for rank 1 to reach SEND_B0" in str(err.value)
     assert ">RECV_B0<" in str(err.value)
+    # Between two ranks every such deadlock is also two shared operations in opposite orders,
+    # which the validator reports first.
+    with pytest.raises(ScheduleError, match="ranks 0 and 1 share .* in opposite orders"):
+        validate_schedule(bad)
 
 
 def test_wrong_metadata_is_rejected() -> None:

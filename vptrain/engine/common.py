@@ -20,6 +20,15 @@ class StepResult:
     grad_norm: float | None
 
 
+def batch_to_device(micro: list[Microbatch], device: torch.device) -> list[Microbatch]:
+    """A step's microbatches on the device, copied once per step. On a GPU the copies go from pinned
+    memory with non_blocking=True: a copy from pageable memory makes the host wait for the device."""
+    if device.type != "cuda":
+        return [(tokens.to(device), labels.to(device)) for tokens, labels in micro]
+    return [(tokens.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True))
+            for tokens, labels in micro]
+
+
 class Trainer(Protocol):
     stage: int
     num_stages: int

@@ -1,11 +1,17 @@
-"""Importing DeepSpeed safely and translating our config into its JSON config."""
+"""Importing DeepSpeed safely, translating our config into its JSON config, and giving DeepSpeed's
+process groups our collective timeout."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import logging
 import os
 import sys
+from datetime import timedelta
+
+import torch.distributed
 
 from vptrain.config import RunConfig, microbatches
 
@@ -43,3 +49,28 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     return ds
+
+
+@contextlib.contextmanager
+def new_groups_time_out_after(timeout: timedelta):
+    """While active, a `torch.distributed.new_group()` call that names no timeout gets `timeout`.
+
+    torch gives such a group its backend's default (10 min for NCCL, 30 for gloo), not the default
+    group's, and DeepSpeed creates every group of its own that way: the pipeline grid's data-,
+    model- and pipe-parallel groups, the p2p pairs, the world clone. A rank stuck in a gradient
+    all-reduce would then outlast train.collective_timeout_s by far. DeepSpeed calls
+    `torch.distributed.new_group` through the module attribute, which is what is wrapped here.
+    """
+    original = torch.distributed.new_group
+
+    @functools.wraps(original)
+    def new_group(*args, **kwargs):
+        if len(args) < 2 and kwargs.get("timeout") is None:  # timeout is new_group's 2nd parameter
+            kwargs["timeout"] = timeout
+        return original(*args, **kwargs)
+
+    torch.distributed.new_group = new_group
+    try:
+        yield
+    finally:
+        torch.distributed.new_group = original

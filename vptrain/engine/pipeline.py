@@ -92,12 +92,10 @@ def build_engine_classes(ds):
                 self.busy_timer.stop(token)
 
         def clip_fp32_gradients(self):
-            # Same clip as DeepSpeed's, but keep the norm so it can be logged.
-            from deepspeed.runtime.utils import clip_grad_norm_
+            # DeepSpeed's clip with the norm in fp64 (see engine/grad_norm.py); kept for logging.
+            from vptrain.engine.grad_norm import clip_fp32_engine
 
-            self._global_grad_norm = clip_grad_norm_(
-                parameters=self.module.parameters(), max_norm=self.gradient_clipping(), mpu=self.mpu
-            )
+            self._global_grad_norm = clip_fp32_engine(self)
 
         # The map holds function objects, so overridden handlers must be re-registered.
         _INSTRUCTION_MAP = {
@@ -114,8 +112,10 @@ def construct_engine(engine_cls, cfg: RunConfig, module, optimizer, scheduler, *
     PipelineEngine / DualPipeVEngine."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    from vptrain.engine.grad_norm import route_clipping_through_fp64
+
     ds_cfg = deepspeed_config(cfg)
-    return engine_cls(
+    engine = engine_cls(
         args=None,
         model=module,
         optimizer=optimizer,
@@ -126,6 +126,8 @@ def construct_engine(engine_cls, cfg: RunConfig, module, optimizer, scheduler, *
         config_class=DeepSpeedConfig(ds_cfg, module.mpu()),
         **extra,
     )
+    route_clipping_through_fp64(engine)  # bf16 and ZeRO clip with the fp64 norm too
+    return engine
 
 
 class PipelineTrainer:

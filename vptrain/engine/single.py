@@ -16,10 +16,12 @@ from vptrain.engine.common import (
     BusyTimer,
     Microbatch,
     StepResult,
+    batch_to_device,
     gpt_shape,
     optimizer_state_bytes,
     tensor_bytes,
 )
+from vptrain.engine.grad_norm import clip_grad_norm_fp64
 from vptrain.model import GPT, lm_loss
 from vptrain.optim import build_optimizer, build_scheduler
 
@@ -41,14 +43,9 @@ class SingleProcessTrainer:
 
     def train_step(self, micro: list[Microbatch]) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        micro = batch_to_device(micro, self.device)
         token = self.timer.start()
-        for tokens, labels in micro:
-            tokens, labels = tokens.to(self.device), labels.to(self.device)
-            with self._autocast():
-                loss = lm_loss(self.model(tokens), labels)
-            (loss / len(micro)).backward()
-            total += loss.item() / len(micro)
+        total = self.forward_backward(micro)
         self.timer.stop(token)
         params = [p for p in self.model.parameters() if p.grad is not None]
         dp = self.cfg.layout.dp
@@ -56,14 +53,27 @@ class SingleProcessTrainer:
             for p in params:
                 dist.all_reduce(p.grad)
                 p.grad /= dp
-            loss_t = torch.tensor([total], dtype=torch.float64)
-            dist.all_reduce(loss_t)
-            total = loss_t.item() / dp
-        clip = self.cfg.train.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            dist.all_reduce(total)  # a device tensor: NCCL takes no CPU tensors
+            total /= dp
+        # The norm accumulates in fp64, as in the pipeline engines: equivalence must not depend on
+        # the order in which fp32 sums of squares meet.
+        norm = clip_grad_norm_fp64(params, self.cfg.train.grad_clip, device=self.device)
         self.optimizer.step()
         self.scheduler.step()
-        return StepResult(loss=total, grad_norm=float(norm))
+        return StepResult(loss=total.item(), grad_norm=norm.item())
+
+    def forward_backward(self, micro: list[Microbatch]) -> torch.Tensor:
+        """F and B of every microbatch (already on the device); the mean loss as a 0-dim fp64 device
+        tensor. Nothing here reads a value on the host: an .item() per microbatch would make the host
+        wait for the device's queue every time, so the loss is read once per step (fp64, as the
+        Python floats it replaces)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for tokens, labels in micro:
+            with self._autocast():
+                loss = lm_loss(self.model(tokens), labels)
+            (loss / len(micro)).backward()
+            total += loss.detach().double() / len(micro)
+        return total
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -8,6 +8,7 @@ from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
 
 from vptrain.engine.lowering import LoweredSchedule
+from vptrain.engine.strict_order import OrderCheckHook
 from vptrain.engine.vocab_passes import VocabPassesMixin, vocab_handlers
 
 
@@ -27,7 +28,7 @@ class StagedDualPipeVModule(DualPipeVModule):
         self.phase_bounds = [(self._local_start, self._local_stop), (self.parts[mirror], self.parts[mirror + 1])]
 
 
-class VHalfEngine(VocabPassesMixin, DualPipeVEngine):
+class VHalfEngine(OrderCheckHook, VocabPassesMixin, DualPipeVEngine):
     def __init__(self, *args, plan, busy_timer, **kwargs):
         self._init_vocab_state(plan, busy_timer)
         super().__init__(*args, **kwargs)

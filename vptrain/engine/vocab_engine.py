@@ -7,10 +7,11 @@ from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from vptrain.engine.lowering import LoweredSchedule
+from vptrain.engine.strict_order import OrderCheckHook
 from vptrain.engine.vocab_passes import VocabPassesMixin, vocab_handlers
 
 
-class VocabPipelineEngine(VocabPassesMixin, PipelineEngine):
+class VocabPipelineEngine(OrderCheckHook, VocabPassesMixin, PipelineEngine):
     def __init__(self, *args, plan, busy_timer, **kwargs):
         self._init_vocab_state(plan, busy_timer)
         super().__init__(*args, **kwargs)

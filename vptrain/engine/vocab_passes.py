@@ -3,6 +3,10 @@
 The engines make no scheduling decisions: they execute the lowered actions of their rank in order.
 Per-microbatch state (hidden-state broadcasts, output-layer states, collective handles, received
 gradients) lives in a dict on the engine keyed by (what, microbatch) and is freed by its consumer.
+A reduce this rank only contributes to (∇X, ∇X̂ off the loss rank, the embedding off the embedding
+rank) has no consumer here: it is completed and freed at its release point, the first action after
+which the schedule proves every rank issued it (vptrain/schedule/memory.py), so nothing a pass does
+not need outlives it until the optimizer step (DESIGN.md invariant 7).
 
 Collectives run on the vocabulary process group (the pp ranks of one pipeline), never on the
 group of the p2p transfers, and are issued asynchronously; a pass that needs a result waits for it.
@@ -15,6 +19,12 @@ from __future__ import annotations
 import torch
 
 from vptrain import vocab
+from vptrain.engine import shard_grads
+from vptrain.engine.common import batch_to_device
+from vptrain.schedule import PassKind
+
+# State keys of the reduces a rank only sends to (see the module docstring).
+SENT = {PassKind.EMB_REDUCE: "emb_sent", PassKind.DX_REDUCE: "dx_sent", PassKind.DXHAT: "dxhat_sent"}
 
 
 class VocabPassesMixin:
@@ -27,13 +37,16 @@ class VocabPassesMixin:
         self.batch: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.executed: list[str] = []
         self.state: dict[tuple[str, int], object] = {}
+        # Called with the engine between actions (after the previous one's releases): tests measure
+        # what the state holds through it.
+        self.memory_probe = None
 
     def is_last_stage(self):
         # The loss chunk's F/B run like a middle stage's when the loss comes from the vocabulary passes.
         return False if self._as_middle else super().is_last_stage()
 
     def run_step(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        self.batch = [(x.to(self.device), y.to(self.device)) for x, y in batch]
+        self.batch = batch_to_device(batch, self.device)
         self.executed = []
         loss = self.train_batch()
         leftover = sorted({k[0] for k in self.state})
@@ -59,7 +72,16 @@ class VocabPassesMixin:
         return result
 
     def _record(self, action: str) -> None:
+        self._release_after(len(self.executed) - 1)
+        if self.memory_probe is not None:
+            self.memory_probe(self)
         self.executed.append(action)
+
+    def _release_after(self, position: int) -> None:
+        """Complete and drop the reduces the schedule releases after this rank's action `position`:
+        every rank has issued them by then, so the wait blocks on no peer (and stalls no GPU stream)."""
+        for action in self.plan.releases.get(position, ()):
+            self._wait(SENT[action.kind], action.microbatch)
 
     def _timed(self, fn, *args):
         token = self.busy_timer.start()
@@ -72,25 +94,35 @@ class VocabPassesMixin:
         return self.stage_id == self.plan.loss_stage
 
     def _accumulate(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-        """Add a vocabulary weight gradient through autograd, inside the same bf16 bracket the
-        engine puts around a non-last-stage backward (else the next clear_lp_grads drops it)."""
-        if self.using_bf16_optimizer:
-            self.optimizer.clear_lp_grads()
-        self._running_engine_backward = True
-        try:
-            vocab.accumulate_grad(param, grad)
-        finally:
-            self._running_engine_backward = False
-        if self.using_bf16_optimizer and not self._config.bfloat16_config.immediate_grad_update:
-            self.optimizer.update_hp_grads(clear_lp_grads=False)
+        """Add a vocabulary shard's fp32 weight gradient: under BF16_Optimizer straight into its
+        gradient buffer (no walk over the stage's parameters, no bf16 .grad on the way), otherwise
+        through autograd so ZeRO-1's hooks see it (engine/shard_grads.py)."""
+        if not self.using_bf16_optimizer:
+            shard_grads.accumulate_through_autograd(self, param, grad)
+            return
+        slots = getattr(self, "_bf16_grad_slots", None)
+        if slots is None:  # the optimizer exists only once DeepSpeed's __init__ has run
+            slots = self._bf16_grad_slots = shard_grads.Bf16GradSlots(self.optimizer)
+        slots.add(param, grad)
 
     # ---- vocabulary passes --------------------------------------------------------------------
     def _loss_stage_grad(self, mb: int) -> torch.Tensor:
         """∂loss/∂(final hidden state) of microbatch mb on the loss rank, already scaled by 1/m."""
         if self.plan.algo == "alg2":
-            state = self._wait("dxhat", mb)  # T may already have consumed ("out", mb)
-            return vocab.apply_token_grad(state.grad_x_hat, self._loss_and_grad(mb, state))
+            grad_x_hat = self._wait("dxhat", mb)  # g was made by DXHAT's issue, if not by G_BCAST's
+            return vocab.apply_token_grad(grad_x_hat, self._loss_grad(mb))
         return self._wait("dx", mb)
+
+    def _loss_grad(self, mb: int, state=None) -> torch.Tensor:
+        """The loss rank's g of mb for one of its users, G_BCAST and (alg2) the loss stage's B:
+        made once (_loss_and_grad), dropped from the state by the last of them."""
+        g = self._loss_and_grad(mb, state)
+        left = self.state.pop(("g_users", mb), 2 if self.plan.algo == "alg2" else 1) - 1
+        if left:
+            self.state[("g_users", mb)] = left
+        else:
+            self.state.pop(("g_local", mb))
+        return g
 
     def _embedding_input(self, mb: int) -> torch.Tensor:
         """The summed token embeddings of mb on the embedding rank, as the first chunk's input leaf."""
@@ -140,7 +172,8 @@ class VocabPassesMixin:
         if ("g_local", mb) in self.state:
             return self.state[("g_local", mb)]
         labels = self.batch[mb][1].reshape(-1)
-        kept = max(1, int((labels != vocab.IGNORE_INDEX).sum()))
+        # The kept-token count stays on the device: int() of it would wait for the device's queue.
+        kept = (labels != vocab.IGNORE_INDEX).sum().clamp_min(1)
         loss = vocab.per_token_loss(state).sum() / kept
         g = vocab.token_grad(labels, normalizer=kept * self.micro_batches)
         self.total_loss = loss.detach().clone() if self.total_loss is None else self.total_loss + loss.detach()
@@ -162,7 +195,10 @@ class VocabPassesMixin:
         self._put("x", mb, (p.comm.broadcast(x, p.loss_stage, async_op=True), x))
 
     def _issue_stats(self, mb: int) -> None:
-        self._put("stats", mb, (vocab.stats_phase(self.state[("out", mb)], self.plan.comm, async_op=True), None))
+        state = self.state[("out", mb)]
+        self._put("stats", mb, (vocab.stats_phase(state, self.plan.comm, async_op=True), None))
+        if self.plan.algo == "alg2":  # DXHAT needs the state too, and the schedule may run T (its consumer) first
+            self._put("dxhat_state", mb, state)
 
     def _issue_max(self, mb: int) -> None:
         pending = vocab.naive_max_phase(self.state[("out", mb)], self.plan.comm, async_op=True)
@@ -180,14 +216,20 @@ class VocabPassesMixin:
 
     def _issue_dxhat(self, mb: int) -> None:
         self._ensure_stats(mb)
-        state = self.state[("out", mb)]
-        self._put("dxhat", mb, (vocab.grad_input_phase(state, self.plan.comm, async_op=True), state))
+        state = self._take("dxhat_state", mb)
+        loss_rank = self._is_loss_rank()
+        if loss_rank:  # B needs g beside ∇X̂ and may come after T has dropped the state: make g now
+            self._loss_and_grad(mb, state)
+        # Reduced onto the loss rank only; the pending holds just the sum (or, elsewhere, the send
+        # buffer), not the state, which T frees.
+        pending = vocab.grad_input_phase(state, self.plan.comm, async_op=True, dst=self.plan.loss_stage)
+        self._put("dxhat" if loss_rank else SENT[PassKind.DXHAT], mb, (pending, pending.result))
 
     def _issue_g_bcast(self, mb: int) -> None:
         p = self.plan
         if self._is_loss_rank():
             self._ensure_stats(mb)
-            g = self._loss_and_grad(mb, self.state[("out", mb)]).clone()
+            g = self._loss_grad(mb, self.state[("out", mb)])  # a broadcast only reads its source: no copy
         else:
             # A receiver issues without waiting for anything (its T waits for the statistics).
             g = torch.empty(p.tokens, dtype=torch.float32, device=self.device)
@@ -195,7 +237,8 @@ class VocabPassesMixin:
 
     def _issue_dx_reduce(self, mb: int) -> None:
         grad_x = self._take("dx_partial", mb)
-        self._put("dx", mb, (vocab.dx_phase(grad_x, self.plan.comm, async_op=True), grad_x))
+        pending = vocab.dx_phase(grad_x, self.plan.comm, async_op=True, dst=self.plan.loss_stage)
+        self._put("dx" if self._is_loss_rank() else SENT[PassKind.DX_REDUCE], mb, (pending, grad_x))
 
     def _issue_emb_reduce(self, mb: int) -> None:
         partial = self._take("emb_partial", mb)
@@ -203,7 +246,7 @@ class VocabPassesMixin:
         if self.stage_id == self.plan.embed_stage:
             self._put("emb", mb, (pending, partial))
         else:
-            self._put("emb_sent", mb, (pending, None))
+            self._put(SENT[PassKind.EMB_REDUCE], mb, (pending, partial))  # the send buffer, until released
 
     def _issue_demb_bcast(self, mb: int) -> None:
         p = self.plan
@@ -220,19 +263,17 @@ class VocabPassesMixin:
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
     def _finish_collectives(self) -> None:
-        # Collectives whose result this rank does not use (a reduce it only contributed to, the
-        # all-reduced input gradient off the loss rank) must still complete before the weights change.
-        for key in [k for k in self.state if k[0] in ("emb_sent", "stats", "dxhat", "dx", "g_local")]:
-            value = self.state.pop(key)
-            if key[0] != "g_local":
-                value[0].wait()
+        # Only the reduces released after the rank's last action are left (nothing later in the
+        # schedule proves them issued everywhere); anything else still held fails the step (run_step).
+        self._release_after(len(self.executed) - 1)
+        if self.memory_probe is not None:
+            self.memory_probe(self)
 
     def clip_fp32_gradients(self):
-        from deepspeed.runtime.utils import clip_grad_norm_
+        # The norm in fp64, summed over the pipeline (see engine/grad_norm.py); kept for logging.
+        from vptrain.engine.grad_norm import clip_fp32_engine
 
-        self._global_grad_norm = clip_grad_norm_(
-            parameters=self.module.parameters(), max_norm=self.gradient_clipping(), mpu=self.mpu
-        )
+        self._global_grad_norm = clip_fp32_engine(self)
 
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -28,8 +28,12 @@ from vptrain.engine.pipeline import (
     make_topology,
     stage_layer_counts,
 )
+from vptrain.engine.strict_order import OrderChecker, StrictComm
 from vptrain.model import layer_list, lm_loss, output_weight_rows, token_embedding_rows
 from vptrain.optim import build_optimizer, build_scheduler
+from vptrain.plan import chunk_tokens_of
+from vptrain.schedule.memory import release_points
+from vptrain.schedule.rules import ScheduleRules
 
 ALGO_OF_METHOD = {"interlaced": "interlaced", "vocab-naive": "naive", "vocab-1": "alg1", "vocab-2": "alg2"}
 
@@ -50,6 +54,9 @@ class VocabStagePlan:
     store_softmax: bool
     num_microbatches: int
     loss_chunk: int = 0  # the chunk whose output feeds the output layer (1 on V-Half's rank 0)
+    # position -> the reduces this rank only sends to, completed after that action (schedule/memory.py)
+    releases: dict = field(default_factory=dict)
+    order_check: OrderChecker | None = None  # train.strict_comm_order
 
     @property
     def tokens(self) -> int:
@@ -109,30 +116,45 @@ class VocabTrainer(PipelineTrainer):
             else:
                 self.module.vocab_output = torch.nn.Parameter(output_weight_rows(shape, start, end).to(device))
         for p in self.module.parameters():
-            p.model_parallel = True  # unique per stage: counted once by DeepSpeed's fp32 clip norm
+            p.model_parallel = True  # unique per stage: DeepSpeed's own norms (bf16 overflow check) count it once
             p.ds_pipe_replicated = False
 
         self.optimizer = build_optimizer(self.module.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.timer = BusyTimer(device)
+        comm = vocab.ProcessGroupComm(groups[dp_rank]) if with_vocab else None
+        order_check = self._order_checker(cfg, stage, dp_rank) if cfg.train.strict_comm_order else None
+        if order_check is not None and comm is not None:
+            comm = StrictComm(comm, order_check)
         self.plan = VocabStagePlan(
             actions=self.schedule.ranks[stage],
             shard=shard,
-            comm=vocab.ProcessGroupComm(groups[dp_rank]) if with_vocab else None,
+            comm=comm,
             algo=ALGO_OF_METHOD.get(cfg.method.name),
             loss_stage=0 if vhalf else pp - 1,
             embed_stage=0,
             act_shape=(cfg.train.micro_batch_size, cfg.model.seq_len, cfg.model.hidden_size),
             act_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
-            chunk_tokens=cfg.vocab.chunk_tokens,
+            chunk_tokens=chunk_tokens_of(cfg),  # the plan's choice when vocab.chunk_tokens is unset
             store_softmax=cfg.vocab.store_softmax,
             num_microbatches=microbatches(cfg),
             loss_chunk=1 if vhalf else 0,
+            releases=release_points(self.schedule)[stage],
+            order_check=order_check,
         )
         self.engine = construct_engine(engine_cls, cfg, self.module, self.optimizer, self.scheduler,
                                        plan=self.plan, busy_timer=self.timer)
         self.stage, self.num_stages, self.dp_rank = stage, pp, dp_rank
         assert self.engine.stage_id == stage and self.engine.grid.data_parallel_id == dp_rank
+
+    @staticmethod
+    def _order_checker(cfg: RunConfig, stage: int, dp_rank: int) -> OrderChecker:
+        pp = cfg.layout.pp
+        return OrderChecker.for_default_group(
+            rank=dp_rank * pp + stage, stage=stage, pipeline=tuple(dp_rank * pp + s for s in range(pp)),
+            rules=ScheduleRules.of(method=cfg.method.name, name=cfg.schedule.name, p=pp),
+            timeout_s=cfg.train.collective_timeout_s,
+        )
 
     @staticmethod
     def _classes(ds, vhalf: bool):

@@ -19,9 +19,8 @@ Bytes per rank:
   activations  per in-flight microbatch and layer (16*N*h + N*h for the chunk input) elements of the
                activation dtype: LN inputs, qkv input, q/k/v, attention output (12 Nh) and the MLP's
                4h-wide input and GELU output (8 Nh); flash attention keeps no s^2 scores
-  vocabulary   baseline loss stage: fp32 logits N*V*4 per in-flight microbatch; vocab methods: the fp32
-               shard softmax N*(V/p)*4 held from S to T, plus the fp32 X broadcast N*(h+1)*4 (and for
-               vocab-2 the fp32 N*h partials of dX) per microbatch between S and T
+  vocabulary   baseline loss stage: fp32 logits N*V*4 per in-flight microbatch; vocab methods: every
+               buffer of every microbatch timed over the schedule (vocab_buffer_sizes, memory.py)
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vptrain.schedule.ir import PassKind
+from vptrain.schedule.memory import VocabBufferSizes
 from vptrain.schedule.simulate import PassCosts
 
 K = PassKind
@@ -144,13 +144,13 @@ def collective_bytes(m: ModelShape, kind: PassKind) -> tuple[float, str]:
     """Payload of one vocabulary collective and its pattern (broadcast | allreduce | reduce)."""
     n, h, a = m.tokens, m.hidden, m.act_bytes
     table = {
-        K.X_BCAST: (n * (h + 1) * 4.0, "broadcast"),  # fp32 hidden state (+ the g column)
+        K.X_BCAST: (n * h * a, "broadcast"),  # the final hidden state
         K.MAX: (n * 4.0, "allreduce"),
         K.SUM: (2 * n * 4.0, "allreduce"),  # sum of exp and the target logit
         K.STATS: (3 * n * 4.0, "allreduce"),  # max, rescaled sum, target logit
         K.G_BCAST: (n * 4.0, "broadcast"),
-        K.DXHAT: (n * h * 4.0, "allreduce"),
-        K.DX_REDUCE: (n * h * a, "reduce"),
+        K.DXHAT: (n * h * 4.0, "reduce"),  # onto the loss rank
+        K.DX_REDUCE: (n * h * 4.0, "reduce"),  # fp32 partial ∇X, onto the loss rank
         K.EMB_REDUCE: (n * h * a, "reduce"),
         K.DEMB_BCAST: (n * h * a, "broadcast"),
     }
@@ -173,15 +173,19 @@ def pass_costs(
     loss_place: tuple[int, int],
     precision: str,
     device: DeviceProfile,
+    store_softmax: bool = True,
 ) -> PassCosts:
-    """Seconds per action for the simulator, with per-chunk activation bytes as memory weights."""
+    """Seconds per action for the simulator, with per-chunk activation bytes and the vocabulary
+    buffers' sizes as memory weights."""
     rate = device.peak_flops[precision] * device.efficiency
     flops = pass_flops(m, method=method, p=p, chunk_layers=chunk_layers, loss_place=loss_place)
     compute = tuple({key: f / rate + device.pass_overhead_s for key, f in table.items()} for table in flops)
     p2p = device.link_latency_s + m.tokens * m.hidden * m.act_bytes / device.link_bytes_per_s
     collective = {k: collective_seconds(m, k, p, device) for k in PassKind if k.is_collective}
     activation = tuple(tuple(activation_bytes(m, n) for n in layers) for layers in chunk_layers)
-    return PassCosts(compute=compute, p2p=p2p, collective=collective, activation=activation)
+    vocab = None if method in ("baseline", "redis") else vocab_buffer_sizes(
+        m, method=method, p=p, store_softmax=store_softmax)
+    return PassCosts(compute=compute, p2p=p2p, collective=collective, activation=activation, vocab_buffers=vocab)
 
 
 def activation_bytes(m: ModelShape, layers: int) -> float:
@@ -207,6 +211,41 @@ def state_bytes(params: int, *, precision: str, optimizer: str, zero_stage: int,
     return {"params": params * weight, "grads": params * 4.0, "optimizer": params * (master + moments) / shard}
 
 
+def vocab_buffer_sizes(
+    m: ModelShape, *, method: str, p: int, store_softmax: bool = True
+) -> tuple[VocabBufferSizes, ...]:
+    """Bytes of every vocabulary buffer of one microbatch, per rank: what the engine allocates
+    (vptrain/vocab, vptrain/engine/vocab_passes.py), for memory.vocab_live_bytes to time.
+
+    N tokens, h hidden, a activation bytes (the tables are in the same dtype), R the rank's real
+    rows: X, the embedding and its gradient N*h*a; ∇X, A_r, G_r N*h fp32; the softmax N*R fp32;
+    g and each statistic N fp32; S's masks and ids N*(1 + 1 + 8) plus its N fp32 statistics (two,
+    three with a local sum); alg1/alg2 gather 3 statistics from p ranks (plus their own 3 in flight).
+    """
+    n, h, a = m.tokens, m.hidden, m.act_bytes
+    naive = method in ("vocab-naive", "interlaced")
+    alg2 = method in ALGORITHM_2
+    per_rank = m.vocab_rows // p
+    sizes = []
+    for rank in range(p):
+        real = max(0, min(m.vocab, (rank + 1) * per_rank) - rank * per_rank)
+        sizes.append(VocabBufferSizes(
+            x=n * h * a,
+            pass_state=n * (1 + 1 + 8 + 4 + 4 + (0 if naive else 4)),
+            softmax=n * real * 4 if store_softmax else 0,
+            a_local=n * h * 4 if alg2 else 0,
+            target_rows=n * h * 4 if alg2 else 0,
+            stats_in_flight=0 if naive else (3 + 3 * p) * n * 4,
+            global_max=n * 4,
+            global_sum_target=2 * n * 4,
+            g=n * 4,
+            grad_x=0 if alg2 else n * h * 4,
+            embedding=n * h * a,
+            grad_embedding=n * h * a,
+        ))
+    return tuple(sizes)
+
+
 def vocab_buffer_bytes(m: ModelShape, *, method: str, p: int, in_flight_vocab: int, loss_in_flight: int) -> float:
     """Output-layer buffers beyond the transformer activations (see the module docstring)."""
     if method in ("baseline", "redis"):
@@ -215,3 +254,27 @@ def vocab_buffer_bytes(m: ModelShape, *, method: str, p: int, in_flight_vocab: i
     if method in ALGORITHM_2:
         per += 2.0 * m.tokens * m.hidden * 4.0
     return in_flight_vocab * per
+
+
+CHUNK_TRANSIENT_SHARE = 1 / 16
+"""Share of a device's memory the output layer's per-chunk transients may take when vocab.chunk_tokens
+is left unset: they live only while S, the naive sum phase or T runs, beside everything the plan holds."""
+CHUNK_MULTIPLE = 128
+"""An automatic chunk is a multiple of this many tokens (a GEMM tile multiple)."""
+
+
+def default_chunk_tokens(m: ModelShape, *, p: int, act_bytes: int, memory_bytes: float) -> int:
+    """The tokens per output-layer chunk when the user leaves vocab.chunk_tokens unset; 0: one chunk.
+
+    A chunk of c tokens creates, at most, c x R fp32 logits (R = V/p rows: recomputed logits or the
+    softmax's gradient D) and, where the weights are bf16, their c x R bf16 copy as a GEMM operand:
+    c * R * (4 + (2 if bf16)) bytes. The chunk is the largest multiple of CHUNK_MULTIPLE tokens whose
+    transients fit in CHUNK_TRANSIENT_SHARE of the device's memory (at least CHUNK_MULTIPLE), or the
+    whole microbatch (0) when that fits.
+    """
+    rows = -(-m.vocab_rows // p)
+    per_token = rows * (4 + (2 if act_bytes == 2 else 0))
+    fit = int(memory_bytes * CHUNK_TRANSIENT_SHARE // per_token)
+    if fit >= m.tokens:
+        return 0
+    return max(CHUNK_MULTIPLE, fit // CHUNK_MULTIPLE * CHUNK_MULTIPLE)

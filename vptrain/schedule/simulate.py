@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vptrain.schedule.ir import Action, PassKind, Schedule, ScheduleError
+from vptrain.schedule.memory import VocabBufferSizes, vocab_live_bytes
 from vptrain.schedule.rules import ScheduleRules
 
 K = PassKind
@@ -33,13 +34,15 @@ class PassCosts:
     """Seconds per action. `compute[rank][(kind, chunk)]` for compute passes (missing: 0),
     `p2p` per transfer, `collective[kind]` from the last issue to completion, `issue[kind]` the
     issuing rank's own time (e.g. the tiny exp/sum before SUM). `activation[rank][chunk]` weighs one
-    in-flight microbatch-chunk (e.g. its activation bytes) for `SimResult.peak_activation`."""
+    in-flight microbatch-chunk (e.g. its activation bytes) for `SimResult.peak_activation`;
+    `vocab_buffers[rank]` sizes the vocabulary buffers for `SimResult.peak_vocab_bytes`."""
 
     compute: tuple[dict[tuple[PassKind, int], float], ...]
     p2p: float = 0.0
     collective: dict[PassKind, float] = field(default_factory=dict)
     issue: dict[PassKind, float] = field(default_factory=dict)
     activation: tuple[tuple[float, ...], ...] | None = None
+    vocab_buffers: tuple[VocabBufferSizes, ...] | None = None
 
     @classmethod
     def uniform(
@@ -89,6 +92,9 @@ class SimResult:
     """Like peak_in_flight, weighted by PassCosts.activation (equal to it without weights)."""
     peak_vocab_in_flight: tuple[int, ...]
     """Most microbatches whose S had started and whose T had not finished (fp32 softmax held)."""
+    peak_vocab_bytes: tuple[int, ...] = ()
+    """Most bytes of vocabulary buffers alive after any action, per rank (memory.py; needs
+    PassCosts.vocab_buffers, else empty)."""
 
     @property
     def bubble_rate(self) -> float:
@@ -172,7 +178,14 @@ class _Simulation:
             peak_in_flight=tuple(peaks),
             peak_activation=tuple(weighted),
             peak_vocab_in_flight=tuple(vocab),
+            peak_vocab_bytes=self._peak_vocab_bytes(),
         )
+
+    def _peak_vocab_bytes(self) -> tuple[int, ...]:
+        if self.costs.vocab_buffers is None:
+            return ()
+        live = vocab_live_bytes(self.s, self.costs.vocab_buffers, self.rules)
+        return tuple(max(row, default=0) for row in live)
 
     def _wait_for(self, r: int, key: tuple[PassKind, int], why: str) -> None:
         self.waiting_on.setdefault(key, []).append(r)

@@ -5,9 +5,10 @@ Rules (each failure raises `ScheduleError` with the grid and the offending cells
   2. on each rank, everything an action needs comes before it (`ScheduleRules.needs`): F before B,
      a send after the pass that produced its data, a receive before the pass that uses it, a
      collective issued before anything waits on it, S before T, ...;
-  3. every rank issues the vocabulary collectives in the same order (else the run hangs);
-  4. between any two ranks, sends and receives pair up in the same order;
-  5. (check_deadlock) a dry run under the engine's semantics finishes (see simulate.py).
+  3. any two ranks run the operations they share (the transfers between them, every collective) in
+     the same relative order (order.py; NCCL hangs otherwise, whatever the communicator). This
+     covers "every rank issues the collectives in one order" and "sends and receives pair up";
+  4. (check_deadlock) a dry run under the engine's semantics finishes (see simulate.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 from vptrain.schedule.ir import SCHEDULE_NAMES, Action, PassKind, Schedule, ScheduleError
+from vptrain.schedule.order import first_order_conflict
 from vptrain.schedule.render import render_order
 from vptrain.schedule.rules import METHOD_NAMES, ScheduleRules
 from vptrain.schedule.simulate import DeadlockError, PassCosts, simulate
@@ -43,8 +45,10 @@ def validate_schedule(s: Schedule, *, check_deadlock: bool = True, rules: Schedu
     positions = [_check_exactly_once(s, rules, r) for r in range(s.p)]
     for r in range(s.p):
         _check_local_order(s, rules, r, positions[r])
-    _check_collective_order(s)
-    _check_p2p_pairs(s, rules)
+    conflict = first_order_conflict(s, rules)
+    if conflict is not None:
+        (fa, sa), (fb, sb) = conflict.positions_a, conflict.positions_b
+        _fail(s, conflict.message(s), {(conflict.a, fa), (conflict.a, sa), (conflict.b, fb), (conflict.b, sb)})
     if check_deadlock:
         try:
             simulate(s, PassCosts.uniform(s.p, s.chunks, s=0.5, t=0.5, input_f=0.1, input_b=0.1), rules=rules)
@@ -92,39 +96,3 @@ def _check_local_order(s: Schedule, rules: ScheduleRules, r: int, positions: dic
 
 def _cells(r: int, n: int, other: int | None) -> set[tuple[int, int]]:
     return {(r, n)} | ({(r, other)} if other is not None else set())
-
-
-def _check_collective_order(s: Schedule) -> None:
-    sequences = [[(n, a) for n, a in enumerate(row) if a.kind.is_collective] for row in s.ranks]
-    reference = sequences[0]
-    for r in range(1, s.p):
-        for k, ((n0, a0), (n, a)) in enumerate(zip(reference, sequences[r], strict=False)):
-            if a0 != a:
-                msg = f"collective #{k} is {a0} on rank 0 but {a} on rank {r}; every rank must issue them in one order"
-                _fail(s, msg, {(0, n0), (r, n)})
-        if len(sequences[r]) != len(reference):
-            _fail(s, f"rank {r} issues {len(sequences[r])} collectives, rank 0 issues {len(reference)}", set())
-
-
-def _check_p2p_pairs(s: Schedule, rules: ScheduleRules) -> None:
-    # For each directed link a -> b: a's sends in a's order must match b's receives in b's order.
-    sends: dict[tuple[int, int], list[tuple[int, Action, Action]]] = {}
-    recvs: dict[tuple[int, int], list[tuple[int, Action]]] = {}
-    for r, row in enumerate(s.ranks):
-        for n, a in enumerate(row):
-            if not a.kind.is_p2p:
-                continue
-            peer_rank, peer_action = rules.needs(r, a).peer  # type: ignore[misc]
-            if a.kind in (K.SEND_F, K.SEND_B):
-                sends.setdefault((r, peer_rank), []).append((n, a, peer_action))
-            else:
-                recvs.setdefault((peer_rank, r), []).append((n, a))
-    for (src, dst), out in sends.items():
-        inbound = recvs.get((src, dst), [])
-        for (n_send, send, wanted), (n_recv, recv) in zip(out, inbound, strict=False):
-            if recv != wanted:
-                msg = (
-                    f"rank {src} sends {send} to rank {dst} while rank {dst} expects {recv} next from it; "
-                    "blocking sends and receives must pair up in the same order"
-                )
-                _fail(s, msg, {(src, n_send), (dst, n_recv)})

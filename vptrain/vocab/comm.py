@@ -64,11 +64,23 @@ class Pending:
 
     `then` runs exactly once, on the first `wait()`; it may return another Pending (a collective it
     issued), which is then waited too. That is how alg2 chains its reduction after the statistics.
+    `buffers` are the tensors the works read or write: held here until they complete (the
+    collective needs them; holding them in Python keeps what is alive visible). `result`, if
+    given, is the tensor the caller reads once waited (a reduce's output on its destination).
     """
 
-    def __init__(self, works: Sequence[Work] = (), then: Callable[[], Pending | None] | None = None) -> None:
+    def __init__(
+        self,
+        works: Sequence[Work] = (),
+        then: Callable[[], Pending | None] | None = None,
+        *,
+        buffers: Sequence[torch.Tensor] = (),
+        result: torch.Tensor | None = None,
+    ) -> None:
         self._works = list(works)
         self._then = then
+        self._buffers = list(buffers)
+        self.result = result
         self._done = False
 
     def wait(self) -> None:
@@ -77,6 +89,7 @@ class Pending:
         for work in self._works:
             work.wait()
         self._works.clear()
+        self._buffers.clear()
         self._done = True
         if self._then is not None:
             then, self._then = self._then, None

@@ -62,12 +62,17 @@ def grad_broadcast(grad_emb: torch.Tensor, comm: Communicator, src: int, *, asyn
 def input_backward(ids: torch.Tensor, grad_emb: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """IB: this shard's embedding gradient, fp32 [shard.rows, h]; padding rows stay zero.
 
-    Accumulated in fp32 whatever grad_emb's dtype, since a frequent token sums many rows.
+    Accumulated in fp32 whatever grad_emb's dtype, since a frequent token sums many rows. Every
+    token is scattered, those of other shards as exact zeros, so no index list of the owned tokens
+    is built (nonzero() would make the host wait for the device). The zeros go to rows spread by
+    token position, not all to row 0, so a GPU's atomic adds do not pile up on one row.
     """
     local, owned = _owned_ids(ids, shard)
     hidden = grad_emb.shape[-1]
-    flat_grad = grad_emb.reshape(-1, hidden)
-    hit = owned.reshape(-1).nonzero().squeeze(1)
+    flat_owned = owned.reshape(-1)
+    values = grad_emb.reshape(-1, hidden).masked_fill(~flat_owned[:, None], 0.0).to(torch.float32)
+    spread = torch.arange(flat_owned.numel(), device=ids.device) % shard.rows
+    rows = torch.where(flat_owned, local.reshape(-1), spread)
     grad_w = torch.zeros(shard.rows, hidden, dtype=torch.float32, device=grad_emb.device)
-    grad_w.index_add_(0, local.reshape(-1)[hit], flat_grad[hit].to(torch.float32))
+    grad_w.index_add_(0, rows, values)
     return grad_w

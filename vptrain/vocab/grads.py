@@ -13,8 +13,11 @@ import torch
 from vptrain.vocab.shard import IGNORE_INDEX
 
 
-def token_grad(labels: torch.Tensor, normalizer: float, *, scale: float = 1.0) -> torch.Tensor:
-    """g_n = ∂L/∂ℓ_n for L = scale * Σ_n ℓ_n / normalizer over kept tokens: [N] fp32."""
+def token_grad(labels: torch.Tensor, normalizer: float | torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    """g_n = ∂L/∂ℓ_n for L = scale * Σ_n ℓ_n / normalizer over kept tokens: [N] fp32.
+
+    normalizer may be a 0-dim device tensor (a token count the host never reads).
+    """
     kept = (labels.reshape(-1) != IGNORE_INDEX).to(torch.float32)
     return kept * (scale / normalizer)
 

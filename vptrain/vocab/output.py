@@ -15,9 +15,11 @@ order. reference.py writes the math out shard by shard; in short, with Z = X W_r
 * alg2: S also forms A_r = exp(Z - m_r) W_r and the target rows G_r, so the single barrier yields
   the global statistics and ∇X̂ = Σ_r α_r A_r - W[y] together; T computes only ∇W.
 
-Numerics: GEMMs run in the weight's dtype; logits, statistics, softmax and every returned gradient
-are fp32. Padding rows (past `shard.vocab_size`) never enter a GEMM, so they cannot reach the
-softmax, a target or a gradient: their ∇W rows are exactly zero.
+Numerics: GEMMs run in the weight's dtype and accumulate into fp32 (gemm.py); logits, statistics,
+softmax and every returned gradient are fp32, never rounded to bf16 on the way. Padding rows (past
+`shard.vocab_size`) never enter a GEMM, so they cannot reach the softmax, a target or a gradient:
+their ∇W rows are exactly zero. Nothing here reads a tensor's value on the host (DESIGN.md
+invariant 6): masks select by arithmetic, never by a list of indices.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vptrain.vocab import gemm
 from vptrain.vocab.shard import IGNORE_INDEX, VocabShard
 
 ALGOS = ("naive", "alg1", "alg2", "interlaced")
@@ -83,20 +86,9 @@ def token_chunks(num_tokens: int, chunk_tokens: int) -> Iterator[slice]:
         yield slice(lo, min(lo + step, num_tokens))
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b in b's dtype with an fp32 result (out, if given, is fp32 and is written)."""
-    if b.dtype == STATS:
-        return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
-    res = torch.mm(a.to(b.dtype), b).to(STATS)
-    if out is None:
-        return res
-    out.copy_(res)
-    return out
-
-
 def shard_logits(state: OutputState, sl: slice, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 logits Z[sl] of the shard's real rows (written into out when given)."""
-    return _gemm(state.x[sl], state.weight[: state.shard.real_rows].t(), out)
+    """fp32 logits Z[sl] of the shard's real rows (written into out when given), fp32-accumulated."""
+    return gemm.mm(state.x[sl], state.weight[: state.shard.real_rows].t(), out)
 
 
 @torch.no_grad()
@@ -166,7 +158,7 @@ def output_s_pass(
         z.sub_(state.local_max[sl, None]).exp_()
         state.local_sum[sl] = z.sum(1)  # type: ignore[index]
         if algo == "alg2":
-            _gemm(z, w, out=state.a_local[sl])  # type: ignore[index]
+            gemm.mm(z, w, out=state.a_local[sl])  # type: ignore[index]
     return state
 
 
@@ -204,21 +196,21 @@ def output_t_pass(state: OutputState, g: torch.Tensor) -> tuple[torch.Tensor | N
         coef = g * torch.exp(shift - gmax) / gsum  # type: ignore[operator]
         w, gw = state.weight[:rows], grad_w[:rows]
         for sl in token_chunks(n, state.chunk_tokens):
-            d = None  # one chunk of logits alive at a time
+            d = d_op = None  # one chunk of logits alive at a time
             if stored:
                 d = state.buffer[sl]  # type: ignore[index]
             else:
                 d = shard_logits(state, sl)
                 d.sub_(gmax[sl, None]).exp_()  # type: ignore[index]
             d.mul_(coef[sl, None])
-            hit = state.owned[sl].nonzero().squeeze(1)
-            d.index_put_((hit, state.target[sl][hit]), -g[sl][hit], accumulate=True)
+            # The one-hot term: -g_n at (n, y_n) where this shard owns y_n. Every token adds into its
+            # own row (target is row 0 where not owned, and adds exactly 0 there), so no index list
+            # of the owned tokens is needed: nonzero() would make the host wait for the device.
+            d.scatter_add_(1, state.target[sl, None], torch.where(state.owned[sl], -g[sl], 0.0)[:, None])
+            d_op = gemm.operand(d, w.dtype)
             if grad_x is not None:
-                _gemm(d, w, out=grad_x[sl])
-            if w.dtype == STATS:
-                gw.addmm_(d.t(), state.x[sl])
-            else:
-                gw.add_(_gemm(d.t(), state.x[sl]))
+                gemm.mm(d_op, w, out=grad_x[sl])
+            gemm.addmm_(gw, d_op.t(), state.x[sl])
     state.buffer = None
     state.t_done = True
     return grad_x, grad_w

@@ -14,7 +14,9 @@ order on every rank, so all ranks get bitwise-identical statistics from a single
 O(N) and O(N h) elementwise work sits between the two, no pass over the logits.
 
 Every phase takes `async_op`; the returned Pending completes the collective(s) and fills the state
-on wait(). With async_op=False it is already complete.
+on wait(). With async_op=False it is already complete. The ∇X sums (dx_phase, grad_input_phase) take
+`dst`: a pipeline engine reduces them onto the loss rank only, the one rank that uses them, so the
+others hold no result and free their part once the reduce completes.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def stats_phase(state: OutputState, comm: Communicator, *, async_op: bool = Fals
         state.global_target = targets.sum(0)  # exactly one rank owns each valid label
         state.global_max = gmax
 
-    return _finish(Pending([work], merge), async_op)
+    return _finish(Pending([work], merge, buffers=[packed, gathered]), async_op)
 
 
 def naive_max_phase(state: OutputState, comm: Communicator, *, async_op: bool = False) -> Pending:
@@ -83,7 +85,7 @@ def naive_max_phase(state: OutputState, comm: Communicator, *, async_op: bool = 
     def publish() -> None:
         state.global_max = gmax
 
-    return _finish(Pending([work], publish), async_op)
+    return _finish(Pending([work], publish, buffers=[gmax]), async_op)
 
 
 def naive_sum_phase(state: OutputState, comm: Communicator, *, async_op: bool = False) -> Pending:
@@ -110,14 +112,20 @@ def naive_sum_phase(state: OutputState, comm: Communicator, *, async_op: bool = 
     def unpack() -> None:
         state.global_sum, state.global_target = packed[0], packed[1]
 
-    return _finish(Pending([work], unpack), async_op)
+    return _finish(Pending([work], unpack, buffers=[packed]), async_op)
 
 
-def grad_input_phase(state: OutputState, comm: Communicator, *, async_op: bool = False) -> Pending:
-    """alg2: all-reduce ∇X̂ = Σ_r α_r A_r - W[y] (∂ℓ_n/∂X_n without g) into state.grad_x_hat.
+def grad_input_phase(
+    state: OutputState, comm: Communicator, *, async_op: bool = False, dst: int | None = None
+) -> Pending:
+    """alg2: sum ∇X̂ = Σ_r α_r A_r - W[y] (∂ℓ_n/∂X_n without g) over the ranks.
 
-    Needs the statistics (wait on stats_phase first, or use c1_phase). Rows of ignored tokens are
-    zero. Multiply by g with apply_token_grad.
+    dst None: all-reduce it into state.grad_x_hat on every rank. dst given: reduce it onto rank dst
+    only, and leave the state without it: the sum is the returned Pending's `result` on dst once
+    waited; on the other ranks `result` is only the send buffer, to drop after the wait (nothing
+    else references it, so the state's A_r and G_r are gone from here on). Needs the statistics
+    (wait on stats_phase first, or use c1_phase). Rows of ignored tokens are zero. Multiply by g
+    with apply_token_grad.
     """
     if state.algo != "alg2":
         raise RuntimeError(f"grad_input_phase is alg2's; {state.algo} reduces ∇X after T (dx_phase)")
@@ -129,12 +137,14 @@ def grad_input_phase(state: OutputState, comm: Communicator, *, async_op: bool =
     xhat = state.a_local.mul_(scale[:, None]).sub_(state.target_rows)
     xhat.masked_fill_(~state.valid[:, None], 0.0)
     state.a_local = state.target_rows = None
+    if dst is not None:
+        return _finish(Pending([comm.reduce(xhat, dst, async_op=async_op)], result=xhat), async_op)
     work = comm.all_reduce(xhat, "sum", async_op=async_op)
 
     def publish() -> None:
         state.grad_x_hat = xhat
 
-    return _finish(Pending([work], publish), async_op)
+    return _finish(Pending([work], publish, result=xhat), async_op)
 
 
 def c1_phase(state: OutputState, comm: Communicator, *, async_op: bool = False) -> Pending:
@@ -152,9 +162,14 @@ def c1_phase(state: OutputState, comm: Communicator, *, async_op: bool = False) 
     return Pending([stats], lambda: grad_input_phase(state, comm, async_op=True))
 
 
-def dx_phase(grad_x: torch.Tensor, comm: Communicator, *, async_op: bool = False) -> Pending:
-    """naive/alg1/interlaced: sum the partial ∇X of every rank, in place."""
-    return _finish(Pending([comm.all_reduce(grad_x, "sum", async_op=async_op)]), async_op)
+def dx_phase(grad_x: torch.Tensor, comm: Communicator, *, async_op: bool = False, dst: int | None = None) -> Pending:
+    """naive/alg1/interlaced: sum the partial ∇X of every rank in place, onto every rank (dst None)
+    or onto rank dst only (the others' grad_x is then undefined: drop it once waited)."""
+    if dst is None:
+        work = comm.all_reduce(grad_x, "sum", async_op=async_op)
+    else:
+        work = comm.reduce(grad_x, dst, async_op=async_op)
+    return _finish(Pending([work], buffers=[grad_x], result=grad_x), async_op)
 
 
 @dataclass(frozen=True)
