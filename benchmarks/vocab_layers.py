@@ -188,10 +188,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _head(section: str, intro: str, reproduce: str, command: str, columns: str) -> list[str]:
+    """A section's first lines: its title, what was measured, how to reproduce it, the table header."""
+    return [section, "", intro, "", f"Reproduce ({reproduce}):", "", "```", command, "```", "", columns,
+            "|" + "---|" * columns.count(" | ") + "---|"]
+
+
 def chunk_markdown(rows: list[dict], args: argparse.Namespace, command: str, load: tuple[float, float]) -> str:
-    lines = [
+    lines = _head(
         CHUNK_SECTION,
-        "",
         f"The time cost of `vocab.chunk_tokens`: one microbatch of the output layer (S, statistics, loss, g, T, as "
         f"`vptrain.vocab.output_layer_step`), N={args.tokens} tokens, h={args.hidden}, V={args.vocab}, one rank "
         f"(p=1), 1 thread, {os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}. Every "
@@ -199,17 +204,11 @@ def chunk_markdown(rows: list[dict], args: argparse.Namespace, command: str, loa
         f"{args.reps} rounds, configurations round-robin). bf16: bf16 weights and activations, fp32 "
         "accumulation (on CPU through fp32 copies of the bf16 operands, taken in blocks; on CUDA the GEMM "
         f"writes fp32 itself). 1-minute load average {load[0]} before, {load[1]} after, on 2 shared cores.",
-        "",
-        "Reproduce (about 2 minutes on 2 cores):",
-        "",
-        "```",
+        "about 2 minutes on 2 cores",
         command,
-        "```",
-        "",
         "| dtype | algo | store_softmax | chunk_tokens | ms: median (min) | × one chunk: median (min) | peak MiB "
         "| × one chunk |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    )
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['algo']} | {r['store_softmax']} | {r['chunk_tokens']} | "
@@ -243,9 +242,8 @@ def chunk_markdown(rows: list[dict], args: argparse.Namespace, command: str, loa
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, command: str, load: tuple[float, float]) -> str:
-    lines = [
+    lines = _head(
         SECTION,
-        "",
         f"Output layer, one microbatch forward + backward: N={args.tokens} tokens, h={args.hidden}, "
         f"V={args.vocab}, fp32, {os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, gloo, "
         "1 thread per rank. "
@@ -258,16 +256,10 @@ def markdown(rows: list[dict], args: argparse.Namespace, command: str, load: tup
         "`unsharded`. The machine is shared with other jobs: single runs can be slowed by their load, "
         f"which is why the min is shown too (1-minute load average {load[0]} before this run, {load[1]} "
         "after, on 2 cores).",
-        "",
-        "Reproduce (from the repository root, after `make setup`; 1.5–2 min on 2 cores):",
-        "",
-        "```",
+        "from the repository root, after `make setup`; 1.5–2 min on 2 cores",
         command,
-        "```",
-        "",
         "| p | path | chunk_tokens | store_softmax | time ms: median (min) | × unsharded | peak MiB | × unsharded |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    )
     for r in rows:
         name = r["algo"] or r["path"]
         lines.append(

@@ -1,9 +1,19 @@
-"""Run many training configurations in ONE group of spawned CPU processes (gloo).
+"""Train many configurations in ONE group of spawned CPU processes (gloo), each case as its kind asks.
 
-Starting torch + deepspeed costs seconds per process on these machines, so the equivalence matrix
-spawns `world` processes once; for each configuration the ranks it needs (pp * dp of them) form a
-fresh default process group and train it for a few steps, the rest wait. Rank 0 also trains the
-single-process reference (layout.pp=1) of every configuration and saves both results.
+Starting torch + deepspeed costs seconds per process on these machines, so the test modules'
+cases (see _matrix_group.py) run in `world` processes spawned once; for each case the ranks it
+needs (pp * dp of them) form a fresh default process group and train it (train_case), the rest
+wait. What a case records is up to its "kind":
+
+- "equivalence" (this file, test_vocab_engine.py): losses, gradient norms and parameters; rank 0
+  also trains the single-process reference (layout.pp=1) and saves it;
+- "memory" (_memory_matrix.py, test_vocab_memory.py): the vocabulary bytes each rank holds
+  between actions, and the plan's prediction;
+- "strict" (_strict_cases.py, test_strict_order.py): losses and checks of the strict
+  communication-order checker, on the validated schedule or on a mutant of it.
+
+A case that raises on a rank leaves error_rank{rank}.txt in its folder and the next case runs;
+the exit status is 0 once every case has run.
 
     python tests/distributed/_engine_matrix.py CASES.json OUT_DIR WORLD
 """
@@ -12,15 +22,19 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import json
 import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+KIND_MODULES = {"memory": "_memory_matrix", "strict": "_strict_cases"}  # the kinds not defined here
 
 
 def make_config(overrides: dict, run_dir: str):
@@ -43,6 +57,57 @@ def train_steps(cfg, trainer) -> tuple[list[float], list[float | None]]:
     return [r.loss for r in results], [r.grad_norm for r in results]
 
 
+def train_case(
+    index: int,
+    case: dict,
+    out_dir: str,
+    rank: int,
+    store,
+    *,
+    report: Callable[..., None],
+    timeout_s: float | None = None,
+    prepare: Callable[..., None] | None = None,
+    build_schedule: Callable | None = None,
+):
+    """Train case's configuration for train.steps steps on the ranks it needs; returns its config.
+
+    The ranks in the case form a fresh default group (timeout_s bounds its collectives; None: the
+    configuration's train.collective_timeout_s); the others return at once. prepare(trainer) runs
+    before the first step (e.g. to put a probe on the engine), report(cfg, trainer, losses,
+    grad_norms) after the last, still in the group. build_schedule, if given, stands in for the
+    validated schedule the vocabulary trainer would build (fault injection in this process only).
+    """
+    from vptrain.engine import vocab_trainer
+    from vptrain.train import build_trainer
+    from vptrain.validate import validate
+
+    run_dir = os.path.join(out_dir, f"case{index}")
+    cfg = make_config(case["overrides"], run_dir)
+    world = cfg.layout.pp * cfg.layout.dp
+    if rank >= world:
+        return cfg
+    validate(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    timeout = cfg.train.collective_timeout_s if timeout_s is None else timeout_s
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"case{index}", store), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout))
+    validated_builder = vocab_trainer.build_schedule_for
+    try:
+        if build_schedule is not None:
+            vocab_trainer.build_schedule_for = build_schedule
+        trainer = build_trainer(cfg, torch.device("cpu"), rank)
+        if prepare is not None:
+            prepare(trainer)
+        losses, norms = train_steps(cfg, trainer)
+        report(cfg, trainer, losses, norms)
+        del trainer
+    finally:
+        vocab_trainer.build_schedule_for = validated_builder
+        dist.destroy_process_group()
+        gc.collect()
+    return cfg
+
+
 def reference(cfg) -> tuple[list[float], dict]:
     from vptrain.engine.single import SingleProcessTrainer
     from vptrain.validate import validate
@@ -59,35 +124,29 @@ def reference(cfg) -> tuple[list[float], dict]:
 
 
 def run_case(index: int, case: dict, out_dir: str, rank: int, store) -> None:
-    from vptrain.train import build_trainer
-    from vptrain.validate import validate
+    """An "equivalence" case: the distributed run's result.pt, then rank 0's reference.pt."""
 
-    run_dir = os.path.join(out_dir, f"case{index}")
-    cfg = make_config(case["overrides"], run_dir)
-    world = cfg.layout.pp * cfg.layout.dp
-    if rank < world:
-        validate(cfg)
-        os.makedirs(run_dir, exist_ok=True)
-        dist.init_process_group("gloo", store=dist.PrefixStore(f"case{index}", store), rank=rank,
-                                world_size=world, timeout=timedelta(seconds=300))  # a hang guard only
-        try:
-            trainer = build_trainer(cfg, torch.device("cpu"), rank)
-            losses, norms = train_steps(cfg, trainer)
-            params = trainer.named_parameters_global() if trainer.dp_rank == 0 else {}
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, params)
-            if rank == 0:
-                merged = {k: v for part in gathered for k, v in part.items()}
-                torch.save({"losses": losses, "grad_norms": norms, "params": merged},
-                           os.path.join(run_dir, "result.pt"))
-            del trainer
-        finally:
-            dist.destroy_process_group()
-            gc.collect()
+    def report(cfg, trainer, losses, norms) -> None:
+        params = trainer.named_parameters_global() if trainer.dp_rank == 0 else {}
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, params)
+        if rank == 0:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            torch.save({"losses": losses, "grad_norms": norms, "params": merged},
+                       os.path.join(cfg.run_dir, "result.pt"))
+
+    cfg = train_case(index, case, out_dir, rank, store, report=report, timeout_s=300)  # a hang guard only
     if rank == 0:
         ref_losses, ref_norms, ref_params, initial = reference(cfg)
         torch.save({"losses": ref_losses, "grad_norms": ref_norms, "params": ref_params, "initial": initial},
-                   os.path.join(run_dir, "reference.pt"))
+                   os.path.join(cfg.run_dir, "reference.pt"))
+
+
+def case_runner(kind: str) -> Callable[..., None]:
+    """run_case(index, case, out_dir, rank, store) of a kind of case."""
+    if kind == "equivalence":
+        return run_case
+    return importlib.import_module(KIND_MODULES[kind]).run_case
 
 
 def main() -> int:
@@ -97,12 +156,10 @@ def main() -> int:
     cases = json.load(open(cases_path))
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
                           is_master=rank == 0, timeout=timedelta(seconds=300))
-    failed = 0
     for i, case in enumerate(cases):
         try:
-            run_case(i, case, out_dir, rank, store)
-        except Exception:  # noqa: BLE001 - record and continue: one broken case must not hide the others
-            failed += 1
+            case_runner(case["kind"])(i, case, out_dir, rank, store)
+        except Exception:  # noqa: BLE001 - recorded for the test; one broken case must not hide the others
             os.makedirs(os.path.join(out_dir, f"case{i}"), exist_ok=True)
             with open(os.path.join(out_dir, f"case{i}", f"error_rank{rank}.txt"), "w") as f:
                 f.write(traceback.format_exc())
@@ -112,7 +169,7 @@ def main() -> int:
         store.add(f"done{i}", 1)
         while int(store.add(f"done{i}", 0)) < world:
             time.sleep(0.01)
-    return 1 if failed else 0
+    return 0
 
 
 if __name__ == "__main__":

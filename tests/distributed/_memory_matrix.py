@@ -1,31 +1,23 @@
 """Measure the vocabulary bytes a real engine step holds, for test_vocab_memory.py.
 
-One group of `world` spawned CPU processes runs every case in turn (the ranks a case needs form a
-fresh default group, as in _engine_matrix.py). Each rank trains one step with a probe on its engine
-that, between every two actions, sums the bytes of the unique tensor storages reachable from the
-engine's per-microbatch state: through containers, dataclasses, pending collectives and the
-closures they will run, so whatever a reference keeps alive is counted, not what the code means
-to hold. Parameters and their gradients are excluded (they are counted as parameters), and so
-are the pipeline's own received gradients ("recv_grad": activation memory). Each rank also writes
-the plan's prediction for it, made by the functions `vptrain plan` uses.
-
-    python tests/distributed/_memory_matrix.py CASES.json OUT_DIR WORLD
+The "memory" cases of _engine_matrix.py (the ranks a case needs train it there, in train_case).
+Each rank trains one step with a probe on its engine that, between every two actions, sums the
+bytes of the unique tensor storages reachable from the engine's per-microbatch state: through
+containers, dataclasses, pending collectives and the closures they will run, so whatever a
+reference keeps alive is counted, not what the code means to hold. Parameters and their
+gradients are excluded (they are counted as parameters), and so are the pipeline's own received
+gradients ("recv_grad": activation memory). Each rank also writes the plan's prediction for it,
+made by the functions `vptrain plan` uses.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import sys
-import time
-import traceback
 import types
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-from _engine_matrix import make_config, train_steps
+from _engine_matrix import train_case
 
 PIPELINE_KEYS = ("recv_grad",)
 
@@ -86,56 +78,16 @@ def predicted(cfg, stage: int) -> dict:
 
 
 def run_case(index: int, case: dict, out_dir: str, rank: int, store) -> None:
-    from vptrain.train import build_trainer
-    from vptrain.validate import validate
+    """A "memory" case: one step with a Probe on the engine; rank{rank}.json, measured and predicted."""
+    probe = Probe()
 
-    run_dir = os.path.join(out_dir, f"case{index}")
-    cfg = make_config(case["overrides"], run_dir)
-    world = cfg.layout.pp * cfg.layout.dp
-    if rank >= world:
-        return
-    validate(cfg)
-    os.makedirs(run_dir, exist_ok=True)
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"case{index}", store), rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
-    try:
-        trainer = build_trainer(cfg, torch.device("cpu"), rank)
-        probe = Probe()
+    def prepare(trainer) -> None:
         trainer.engine.memory_probe = probe
-        train_steps(cfg, trainer)
+
+    def report(cfg, trainer, losses, norms) -> None:
         result = {"executed": list(trainer.engine.executed), "measured": probe.trace,
                   **predicted(cfg, trainer.stage)}
-        with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
+        with open(os.path.join(cfg.run_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-        del trainer
-    finally:
-        dist.destroy_process_group()
-        gc.collect()
 
-
-def main() -> int:
-    cases_path, out_dir, world = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    rank = int(os.environ["RANK"])
-    torch.set_num_threads(1)
-    cases = json.load(open(cases_path))
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
-                          is_master=rank == 0, timeout=timedelta(seconds=300))
-    failed = 0
-    for i, case in enumerate(cases):
-        try:
-            run_case(i, case, out_dir, rank, store)
-        except Exception:  # noqa: BLE001 - record and continue: one broken case must not hide the others
-            failed += 1
-            os.makedirs(os.path.join(out_dir, f"case{i}"), exist_ok=True)
-            with open(os.path.join(out_dir, f"case{i}", f"error_rank{rank}.txt"), "w") as f:
-                f.write(traceback.format_exc())
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        store.add(f"done{i}", 1)  # every rank finishes case i before any starts case i + 1
-        while int(store.add(f"done{i}", 0)) < world:
-            time.sleep(0.01)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    train_case(index, case, out_dir, rank, store, report=report, timeout_s=60, prepare=prepare)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from unit._vocab_problems import random_problem
 
 from vptrain.vocab import (
     ALGOS,
@@ -35,7 +36,6 @@ from vptrain.vocab import (
     output_layer_step,
     output_s_pass,
     output_t_pass,
-    padded_vocab_rows,
     per_token_loss,
     token_grad,
 )
@@ -83,11 +83,7 @@ def vocab_of(case: str, p: int) -> tuple[int, int]:
 
 def problem(case: str, p: int, seed: int = 0, n: int = N) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
     vocab, pad = vocab_of(case, p)
-    gen = _gen(case, p, seed)
-    weight = torch.randn(padded_vocab_rows(vocab, p, pad), H, generator=gen)
-    weight[vocab:] = 40.0  # garbage in the padding rows: it would dominate any softmax it leaked into
-    x = torch.randn(n, H, generator=gen) * 2
-    labels = torch.randint(0, vocab, (n,), generator=gen)
+    x, weight, labels = random_problem(n, H, vocab, p, pad, _gen(case, p, seed))
     shards = [VocabShard.of(vocab, p, r, pad_to_multiple_of=pad) for r in range(p)]
     if case == "targets_in_first_shard":
         labels = labels % shards[0].real_rows

@@ -4,26 +4,22 @@ Every method's schedule trains through with the checker on, executing exactly sc
 schedule with two shared operations of one rank the other way round (fed to the engine past the
 validator) makes every rank of the pipeline fail at once with the ranks and operations named,
 where gloo alone trains through it and NCCL would hang. One group of 4 CPU processes runs every
-case (see _strict_cases.py).
+case (see _strict_cases.py and _matrix_group.py).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, cli_env
+from _matrix_group import Matrix, run_matrix
 from unit._mutants import swappable_pairs
 
-from vptrain.launch.local import free_port
 from vptrain.schedule import Action, PassKind, build_schedule
 
 pytestmark = pytest.mark.distributed
 
 K = PassKind
-WORLD = 4
 SGD = {"optim.name": "sgd", "optim.lr": 0.1, "optim.min_lr": 0.1, "optim.warmup_steps": 0, "optim.decay": "constant"}
 
 
@@ -79,26 +75,18 @@ MIDDLE_RANK = case("vocab-2", "1f1b", 3, 4, mutant=_sampled_swap("vocab-2", "1f1
 CASES = [*PASSING, SWAPPED_TRANSFER, GLOO_TOLERATES, SWAPPED_COLLECTIVES, MIDDLE_RANK]
 
 
+MATRIX = Matrix("strict", CASES, timeout_s=900)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("strict")
-    cases_path = out / "cases.json"
-    cases_path.write_text(json.dumps(CASES))
-    port = str(free_port())
-    procs = []
-    for rank in range(WORLD):
-        env = cli_env(RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                      OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "distributed" / "_strict_cases.py"), str(cases_path), str(out),
-             str(WORLD)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    return out
+def runs(request):
+    runs = run_matrix(request, MATRIX)
+    assert all(code == 0 for code in runs.returncodes), "\n".join(log[-3000:] for log in runs.logs)
+    return runs
 
 
-def _outcome(out, spec: dict) -> tuple[dict[int, dict], dict[int, str]]:
-    case_dir = out / f"case{CASES.index(spec)}"
+def _outcome(runs, spec: dict) -> tuple[dict[int, dict], dict[int, str]]:
+    case_dir = runs[spec["name"]]
     o = spec["overrides"]
     world = o["layout.pp"] * o["layout.dp"]
     results = {r: json.loads(p.read_text()) for r in range(world) if (p := case_dir / f"result_rank{r}.json").exists()}
@@ -118,7 +106,7 @@ def test_every_schedule_runs_under_the_strict_checker_in_its_own_order(runs, spe
         row = sched.ranks[stage]
         # Every transfer and every collective call was checked (a collective action makes >= 1 call).
         assert result["checked"] >= sum(not a.kind.is_compute for a in row) * o["train.steps"]
-        passes = runs / f"case{CASES.index(spec)}" / "passes" / f"stage{stage}_dp{dp}.txt"
+        passes = runs[spec["name"]] / "passes" / f"stage{stage}_dp{dp}.txt"
         executed = passes.read_text().splitlines()
         assert executed == [" ".join(map(str, row))] * o["train.steps"]  # schedule.txt is what ran
 

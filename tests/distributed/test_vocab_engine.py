@@ -1,27 +1,23 @@
 """Every method equals the single-process reference: per-step losses and updated parameters.
 
-One group of 4 CPU processes runs the whole matrix (see _engine_matrix.py): methods x pp in
-{2, 3, 4} x dp in {1, 2} x vocabulary divisible or not by pp x m in {p, p+1, 2p+1} x tied or not.
+One group of 4 CPU processes runs the whole matrix (see _engine_matrix.py; the group is shared with
+the session's other engine matrices, _matrix_group.py): methods x pp in {2, 3, 4} x dp in {1, 2} x
+vocabulary divisible or not by pp x m in {p, p+1, 2p+1} x tied or not.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from _matrix_group import Matrix, run_matrix
 from _tolerances import ADAMW_EPS, RTOL, SGD_ATOL, SGD_LR, adamw_atol
-from conftest import REPO, cli_env
 
 from vptrain.config import OptimConfig
-from vptrain.launch.local import free_port
 
 pytestmark = pytest.mark.distributed
 
-WORLD = 4
 VOCAB_METHODS = ["interlaced", "vocab-naive", "vocab-1", "vocab-2"]
 SGD = {"optim.name": "sgd", "optim.lr": SGD_LR, "optim.min_lr": SGD_LR, "optim.warmup_steps": 0,
        "optim.decay": "constant"}
@@ -64,21 +60,12 @@ CASES = [
 ]
 
 
+MATRIX = Matrix("equivalence", CASES, timeout_s=900)
+
+
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    out = tmp_path_factory.mktemp("matrix")
-    cases_path = out / "cases.json"
-    cases_path.write_text(json.dumps(CASES))
-    port = str(free_port())
-    procs = []
-    for rank in range(WORLD):
-        env = cli_env(RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                      OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "distributed" / "_engine_matrix.py"), str(cases_path), str(out),
-             str(WORLD)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    return out, logs
+def matrix(request):
+    return run_matrix(request, MATRIX)
 
 
 def _stitch(params: dict, name: str, rows: int) -> torch.Tensor | None:
@@ -105,11 +92,7 @@ def _compare_params(params: dict, ref: dict, vocab_size: int, *, rtol: float, at
 
 @pytest.mark.parametrize("spec", CASES, ids=[c["name"] for c in CASES])
 def test_method_equals_single_process(matrix, spec):
-    out, logs = matrix
-    index = CASES.index(spec)
-    case_dir = out / f"case{index}"
-    errors = sorted(case_dir.glob("error_rank*.txt"))
-    assert not errors, errors[0].read_text()[-4000:] + "\n" + "\n".join(log[-2000:] for log in logs)
+    case_dir = matrix.clean(spec["name"])
     got = torch.load(case_dir / "result.pt")
     ref = torch.load(case_dir / "reference.pt")
     o = spec["overrides"]
@@ -153,8 +136,7 @@ RECORDED = [c for c in CASES if c["overrides"]["method.name"] in VOCAB_METHODS
 def test_executed_pass_order_equals_the_validated_schedule(matrix, spec):
     from vptrain.schedule import build_schedule
 
-    out, _ = matrix
-    case_dir = out / f"case{CASES.index(spec)}"
+    case_dir = matrix[spec["name"]]
     o = spec["overrides"]
     sched = build_schedule(o["method.name"], o.get("schedule.name", "1f1b"), o["layout.pp"],
                            o["train.global_batch_size"] // o["layout.dp"])

@@ -1,26 +1,22 @@
 """The vocabulary bytes a real step holds match the plan's prediction (DESIGN.md invariant 7).
 
-One group of 4 CPU processes runs every case (see _memory_matrix.py): each vocabulary method on
-1F1B at pp 2, 3, 4, V-Half at pp 2 and 4, without the stored softmax, in bf16 and with dp 2. Between
-every two actions each rank measures the bytes of the storages its engine's state reaches; the
-plan predicts them from the schedule and the buffer sizes (vptrain/schedule/memory.py). The
-prediction models every buffer the engine allocates, so the only slack is the issue's 10%.
+One group of 4 CPU processes runs every case (see _memory_matrix.py and _matrix_group.py): each
+vocabulary method on 1F1B at pp 2, 3, 4, V-Half at pp 2 and 4, without the stored softmax, in bf16
+and with dp 2. Between every two actions each rank measures the bytes of the storages its engine's
+state reaches; the plan predicts them from the schedule and the buffer sizes
+(vptrain/schedule/memory.py). The prediction models every buffer the engine allocates, so the only
+slack is the issue's 10%.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, cli_env
-
-from vptrain.launch.local import free_port
+from _matrix_group import Matrix, run_matrix
 
 pytestmark = pytest.mark.distributed
 
-WORLD = 4
 TOLERANCE = 0.10  # of the rank's predicted peak
 SGD = {"optim.name": "sgd", "optim.lr": 0.5, "optim.min_lr": 0.5, "optim.warmup_steps": 0, "optim.decay": "constant"}
 
@@ -51,28 +47,16 @@ CASES = [
 ]
 
 
+MATRIX = Matrix("memory", CASES, timeout_s=600)
+
+
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    out = tmp_path_factory.mktemp("memory")
-    cases_path = out / "cases.json"
-    cases_path.write_text(json.dumps(CASES))
-    port = str(free_port())
-    procs = []
-    for rank in range(WORLD):
-        env = cli_env(RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                      OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "distributed" / "_memory_matrix.py"), str(cases_path), str(out),
-             str(WORLD)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    return out, logs
+def measured(request):
+    return run_matrix(request, MATRIX)
 
 
 def _ranks(measured, spec) -> list[dict]:
-    out, logs = measured
-    case_dir = out / f"case{CASES.index(spec)}"
-    errors = sorted(case_dir.glob("error_rank*.txt"))
-    assert not errors, errors[0].read_text()[-4000:] + "\n" + "\n".join(log[-2000:] for log in logs)
+    case_dir = measured.clean(spec["name"])
     o = spec["overrides"]
     return [json.loads((case_dir / f"rank{r}.json").read_text()) for r in range(o["layout.pp"] * o["layout.dp"])]
 

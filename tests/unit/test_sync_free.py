@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _vocab_problems import random_problem
 from omegaconf import OmegaConf
 
 from vptrain.host_sync import HostSyncError, forbid_host_sync
@@ -35,7 +36,6 @@ from vptrain.vocab import (
     output_layer_step,
     output_s_pass,
     output_t_pass,
-    padded_vocab_rows,
     per_token_loss,
     stats_phase,
     token_grad,
@@ -97,12 +97,7 @@ def test_sync_guard_lets_device_side_ops_run() -> None:
 
 
 def _problem(seed: int, dtype: torch.dtype):
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(padded_vocab_rows(VOCAB, SHARDS, PAD), H, generator=gen)
-    weight[VOCAB:] = 40.0  # garbage in the padding rows
-    x = torch.randn(N, H, generator=gen) * 2
-    labels = torch.randint(0, VOCAB, (N,), generator=gen)
-    labels[::4] = IGNORE_INDEX
+    x, weight, labels = random_problem(N, H, VOCAB, SHARDS, PAD, seed, ignore_every=4)
     return x.to(dtype), weight.to(dtype), labels
 
 

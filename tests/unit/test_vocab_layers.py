@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _vocab_problems import random_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,17 +40,6 @@ from vptrain.vocab.inprocess import ThreadGroup, run_in_threads
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _problem(n, h, vocab, shards, pad, seed, ignore_every=0):
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(padded_vocab_rows(vocab, shards, pad), h, generator=gen)
-    weight[vocab:] = 40.0  # padding rows hold garbage that would show in any result they leaked into
-    x = torch.randn(n, h, generator=gen) * 2
-    labels = torch.randint(0, vocab, (n,), generator=gen)
-    if ignore_every:
-        labels[::ignore_every] = IGNORE_INDEX
-    return x, weight, labels
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 33),
@@ -67,7 +57,7 @@ def _problem(n, h, vocab, shards, pad, seed, ignore_every=0):
 def test_sharded_output_layer_matches_reference(
     n, h, vocab, shards, pad, algo, chunk, store, async_op, ignore_every, seed
 ) -> None:
-    x, weight, labels = _problem(n, h, vocab, shards, pad, seed, ignore_every)
+    x, weight, labels = random_problem(n, h, vocab, shards, pad, seed, ignore_every)
     kept = max(int((labels != IGNORE_INDEX).sum()), 1)
     expected = ref.output_layer(x, weight, labels, vocab, shards, token_grad(labels, kept), pad_to_multiple_of=pad)
 
@@ -98,7 +88,7 @@ def test_sharded_output_layer_matches_reference(
 def test_microbatches_in_flight_finish_in_any_order(algo: str) -> None:
     """S of microbatch 1 runs before T of microbatch 0, T's run in reverse; state is per microbatch."""
     vocab, shards = 37, 3
-    batches = [_problem(10, 6, vocab, shards, 1, seed) for seed in (11, 12)]
+    batches = [random_problem(10, 6, vocab, shards, 1, seed) for seed in (11, 12)]
     weight = batches[0][1]
     gs = [token_grad(labels, 20) for _, _, labels in batches]  # one loss over both microbatches
 
@@ -148,7 +138,7 @@ class _LargestOutput(TorchDispatchMode):
 @pytest.mark.parametrize("algo", ["naive", "alg1", "alg2"])
 def test_chunks_without_stored_softmax_bound_the_fp32_buffer(algo: str) -> None:
     n, h, vocab, chunk = 64, 4, 96, 8
-    x, weight, labels = _problem(n, h, vocab, 1, 1, 3)
+    x, weight, labels = random_problem(n, h, vocab, 1, 1, 3)
     shard = VocabShard.of(vocab, 1, 0)
     sizes = {}
     for chunk_tokens, store in ((0, True), (chunk, False)):
@@ -179,7 +169,7 @@ def test_chunks_without_stored_softmax_bound_the_fp32_buffer(algo: str) -> None:
 def test_bf16_weights_keep_fp32_statistics() -> None:
     """bf16 GEMMs, fp32 softmax: within 2e-2 (relative to the gradient's scale) of fp32 math."""
     vocab, shards, n = 50, 2, 24
-    x, weight, labels = _problem(n, 16, vocab, shards, 1, 5)
+    x, weight, labels = random_problem(n, 16, vocab, shards, 1, 5)
     w16 = weight.to(torch.bfloat16)
     expected = ref.output_layer(x.bfloat16().float(), w16.float(), labels, vocab, shards, token_grad(labels, n))
     for algo in ALGOS:
@@ -225,7 +215,7 @@ def test_input_layer_matches_reference(dst) -> None:
 
 
 def test_phases_refuse_to_run_out_of_order() -> None:
-    x, weight, labels = _problem(4, 3, 8, 1, 1, 0)
+    x, weight, labels = random_problem(4, 3, 8, 1, 1, 0)
     shard = VocabShard.of(8, 1, 0)
     comm = ThreadGroup(1).comm(0)
     state = output_s_pass(x, weight, labels, shard, "alg1")

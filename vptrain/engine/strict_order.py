@@ -28,7 +28,7 @@ import torch.distributed as dist
 from vptrain.schedule.ir import parse_action
 from vptrain.schedule.order import shared_op
 from vptrain.schedule.rules import ScheduleRules
-from vptrain.vocab.comm import Communicator, Work
+from vptrain.vocab.comm import Communicator, ForwardingComm
 
 ABORT = "ABORT"
 
@@ -114,35 +114,16 @@ def _shape(t: torch.Tensor) -> str:
     return "x".join(map(str, t.shape)) + " " + str(t.dtype).removeprefix("torch.")
 
 
-class StrictComm:
+class StrictComm(ForwardingComm):
     """A Communicator that checks every call with an OrderChecker before making it."""
 
     def __init__(self, inner: Communicator, checker: OrderChecker) -> None:
-        self.inner, self.checker = inner, checker
+        super().__init__(inner)
+        self.checker = checker
 
-    @property
-    def rank(self) -> int:
-        return self.inner.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.inner.world_size
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, async_op: bool = False) -> Work:
-        self.checker.collective(f"all_reduce_{op}({_shape(tensor)})")
-        return self.inner.all_reduce(tensor, op, async_op=async_op)
-
-    def all_gather(self, output: torch.Tensor, tensor: torch.Tensor, *, async_op: bool = False) -> Work:
-        self.checker.collective(f"all_gather({_shape(tensor)})")
-        return self.inner.all_gather(output, tensor, async_op=async_op)
-
-    def broadcast(self, tensor: torch.Tensor, src: int, *, async_op: bool = False) -> Work:
-        self.checker.collective(f"broadcast(root {src}, {_shape(tensor)})")
-        return self.inner.broadcast(tensor, src, async_op=async_op)
-
-    def reduce(self, tensor: torch.Tensor, dst: int, *, async_op: bool = False) -> Work:
-        self.checker.collective(f"reduce(root {dst}, {_shape(tensor)})")
-        return self.inner.reduce(tensor, dst, async_op=async_op)
+    def _before(self, call: str, tensor: torch.Tensor, root: int | None) -> None:
+        root_text = "" if root is None else f"root {root}, "
+        self.checker.collective(f"{call}({root_text}{_shape(tensor)})")
 
 
 class OrderCheckHook:

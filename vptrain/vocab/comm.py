@@ -1,9 +1,10 @@
 """The collectives the vocabulary layers issue, behind a small injectable interface.
 
 The layers never call `torch.distributed` directly: they take a `Communicator`. The real one wraps
-a process group; tests wrap it in `CountingComm` to count what each algorithm issues, and the
-unit tests use the in-process `ThreadGroup` (vptrain.vocab.inprocess). All ranks of a group must
-issue the same collectives in the same order, or the job deadlocks.
+a process group; tests wrap it in `CountingComm` to count what each algorithm issues (a
+`ForwardingComm`, as the strict order check's StrictComm is), and the unit tests use the
+in-process `ThreadGroup` (vptrain.vocab.inprocess). All ranks of a group must issue the same
+collectives in the same order, or the job deadlocks.
 
 Every collective returns a `Work` whose `wait()` completes it; with `async_op=False` the work is
 already complete. `Pending` bundles works with the bookkeeping that must run once they complete
@@ -152,16 +153,16 @@ class ProcessGroupComm:
         return self._work(dist.reduce(tensor, self._global(dst), group=self.group, async_op=async_op))
 
 
-class CountingComm:
-    """Wraps a Communicator and appends ("collective", name, numel) to `events` for every call.
+class ForwardingComm:
+    """A Communicator that hands every call on to `inner`, calling `_before` first.
 
-    Tests share `events` with a compute tracker to count barriers (runs of collectives with no
-    compute pass in between).
+    Subclasses see each collective as (call, tensor, root) before it is issued: call is
+    "all_reduce_<op>", "all_gather", "broadcast" or "reduce"; root the group rank of a broadcast's
+    source or a reduce's destination, else None.
     """
 
-    def __init__(self, inner: Communicator, events: list[tuple[str, ...]] | None = None) -> None:
+    def __init__(self, inner: Communicator) -> None:
         self.inner = inner
-        self.events: list[tuple[str, ...]] = [] if events is None else events
 
     @property
     def rank(self) -> int:
@@ -171,25 +172,40 @@ class CountingComm:
     def world_size(self) -> int:
         return self.inner.world_size
 
-    def _note(self, name: str, tensor: torch.Tensor) -> None:
-        self.events.append(("collective", name, str(tensor.numel())))
+    def _before(self, call: str, tensor: torch.Tensor, root: int | None) -> None:
+        """Called before each collective is handed on."""
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, async_op: bool = False) -> Work:
+        self._before(f"all_reduce_{op}", tensor, None)
+        return self.inner.all_reduce(tensor, op, async_op=async_op)
+
+    def all_gather(self, output: torch.Tensor, tensor: torch.Tensor, *, async_op: bool = False) -> Work:
+        self._before("all_gather", tensor, None)
+        return self.inner.all_gather(output, tensor, async_op=async_op)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, *, async_op: bool = False) -> Work:
+        self._before("broadcast", tensor, src)
+        return self.inner.broadcast(tensor, src, async_op=async_op)
+
+    def reduce(self, tensor: torch.Tensor, dst: int, *, async_op: bool = False) -> Work:
+        self._before("reduce", tensor, dst)
+        return self.inner.reduce(tensor, dst, async_op=async_op)
+
+
+class CountingComm(ForwardingComm):
+    """Wraps a Communicator and appends ("collective", name, numel) to `events` for every call.
+
+    Tests share `events` with a compute tracker to count barriers (runs of collectives with no
+    compute pass in between).
+    """
+
+    def __init__(self, inner: Communicator, events: list[tuple[str, ...]] | None = None) -> None:
+        super().__init__(inner)
+        self.events: list[tuple[str, ...]] = [] if events is None else events
+
+    def _before(self, call: str, tensor: torch.Tensor, root: int | None) -> None:
+        self.events.append(("collective", call, str(tensor.numel())))
 
     @property
     def collectives(self) -> list[str]:
         return [event[1] for event in self.events if event[0] == "collective"]
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, async_op: bool = False) -> Work:
-        self._note(f"all_reduce_{op}", tensor)
-        return self.inner.all_reduce(tensor, op, async_op=async_op)
-
-    def all_gather(self, output: torch.Tensor, tensor: torch.Tensor, *, async_op: bool = False) -> Work:
-        self._note("all_gather", tensor)
-        return self.inner.all_gather(output, tensor, async_op=async_op)
-
-    def broadcast(self, tensor: torch.Tensor, src: int, *, async_op: bool = False) -> Work:
-        self._note("broadcast", tensor)
-        return self.inner.broadcast(tensor, src, async_op=async_op)
-
-    def reduce(self, tensor: torch.Tensor, dst: int, *, async_op: bool = False) -> Work:
-        self._note("reduce", tensor)
-        return self.inner.reduce(tensor, dst, async_op=async_op)
