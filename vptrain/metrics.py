@@ -34,10 +34,12 @@ def rank_stats(trainer, device: torch.device, busy_s: float) -> dict[str, Any]:
     else:
         mem["peak_rss"] = peak_rss_bytes()
         mem["peak"] = sum(v for k, v in mem.items() if k != "peak_rss")
+    take_instructions = getattr(trainer, "take_instruction_seconds", None)  # pipeline engines only
     return {
         "stage": trainer.stage,
         "dp": trainer.dp_rank,
         "busy_s": busy_s,
+        "instr_s": take_instructions() if take_instructions is not None else {},
         "memory": mem,
         "params": trainer.num_parameters(),
     }
@@ -101,6 +103,8 @@ class RunMetrics:
         for s in stages:
             i = s["stage"]
             row[f"time/stage_{i}/busy"] = s["busy_s"]
+            for kind, value in s.get("instr_s", {}).items():  # host time per instruction kind
+                row[f"time/stage_{i}/instr_{kind}"] = value
             for kind, value in s["memory"].items():
                 row[f"memory/stage_{i}/{kind}"] = value
         if self.is_logger:

@@ -141,15 +141,33 @@ class OutputHead(nn.Module):
         return F.linear(x, self.weight)[..., : self.vocab_size]  # (B, T, V)
 
 
+class OutputLayer(nn.Module):
+    """The output layer on the plain pipeline's last stage (baseline, redis): it holds the weight and
+    hands (h, W) to the loss function, `vptrain.vocab.one_shard.OneShardLoss`, which computes logits,
+    softmax cross-entropy and their gradients with the vocabulary kernel on one shard, as every
+    vocabulary method does on its shards (DESIGN.md invariant 9). Same parameter name, rows and init
+    as OutputHead, so its state matches the single-process GPT's."""
+
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.weight = nn.Parameter(output_weight_rows(shape, 0, shape.vocab_rows))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.weight
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy of one microbatch, computed in fp32."""
+    """Token-mean cross-entropy of one microbatch, computed in fp32: the single-process oracle's loss."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def layer_list(shape: GPTShape, *, with_vocab: bool = True) -> list[tuple[type[nn.Module], tuple]]:
+def layer_list(
+    shape: GPTShape, *, with_vocab: bool = True, head: type[nn.Module] = OutputLayer
+) -> list[tuple[type[nn.Module], tuple]]:
     """The pipeline layers as (class, args) pairs, in order.
 
-    with_vocab=True (baseline/redis): [InputEmbedding, Block x L, FinalNorm, OutputHead].
+    with_vocab=True (baseline/redis): [InputEmbedding, Block x L, FinalNorm, head]; the pipeline's
+    head is OutputLayer (loss: OneShardLoss), the single-process GPT's OutputHead (loss: lm_loss).
     with_vocab=False (vocab methods): [PositionEmbedding, Block x L, FinalNorm]; the token embedding
     and output layer are sharded outside the list.
     """
@@ -158,14 +176,15 @@ def layer_list(shape: GPTShape, *, with_vocab: bool = True) -> list[tuple[type[n
     layers += [(Block, (shape, i)) for i in range(shape.num_layers)]
     layers.append((FinalNorm, (shape,)))
     if with_vocab:
-        layers.append((OutputHead, (shape,)))
+        layers.append((head, (shape,)))
     return layers
 
 
 class GPT(nn.Sequential):
-    """The whole model in one process (the reference layout, layout.pp=1)."""
+    """The whole model in one process (the reference layout, layout.pp=1): logits from OutputHead
+    and `F.cross_entropy` (lm_loss), the oracle every pipeline is compared with."""
 
     def __init__(self, shape: GPTShape):
-        super().__init__(*[cls(*args) for cls, args in layer_list(shape)])
+        super().__init__(*[cls(*args) for cls, args in layer_list(shape, head=OutputHead)])
         if shape.tie_embeddings:
             self[-1].weight = self[0].wte  # one tensor; its gradient sums both uses

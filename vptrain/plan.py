@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from vptrain.config import RunConfig, microbatches, padded_vocab_size
 from vptrain.layout import RankLayout, model_shape, rank_layouts, rank_map, stage_map
 from vptrain.schedule import (
+    PassCosts,
     PassKind,
     Schedule,
     ScheduleRules,
@@ -34,6 +35,7 @@ from vptrain.schedule.costs import (
     default_chunk_tokens,
     device_profile,
     model_flops,
+    nominal_costs,
     parameter_count,
     pass_costs,
     pass_flops,
@@ -86,21 +88,37 @@ def chunk_tokens_of(cfg: RunConfig) -> int:
                                 memory_bytes=cfg.cluster.gpu_memory_gb * GIB)
 
 
+def run_pass_costs(cfg: RunConfig) -> PassCosts:
+    """The cost model's seconds per pass for this config: what `vptrain plan` simulates and what the
+    schedule is built from (planned_schedule), in the planner and the trainer alike."""
+    chunk_layers = [lay.layers for lay in rank_layouts(cfg)]
+    return pass_costs(
+        model_shape(cfg), method=cfg.method.name, p=cfg.layout.pp, chunk_layers=chunk_layers,
+        loss_place=stage_map(cfg).loss_place, precision=cfg.precision,
+        device=device_profile(cfg.cluster.profile), store_softmax=cfg.vocab.store_softmax,
+    )
+
+
+def planned_schedule(cfg: RunConfig, costs: PassCosts | None = None) -> Schedule:
+    """The schedule a run executes: built with the relative pass costs of this config
+    (costs.nominal_costs). The trainer calls this too, so `vptrain plan` shows what runs."""
+    costs = costs or run_pass_costs(cfg)
+    return build_schedule(cfg.method.name, cfg.schedule.name, cfg.layout.pp, microbatches(cfg),
+                          nominal=nominal_costs(costs))
+
+
 def make_plan(cfg: RunConfig) -> Plan:
     """Layout, schedule (validated), simulation and memory for `cfg`; pure, starts nothing."""
     p, m = cfg.layout.pp, microbatches(cfg)
     shape = model_shape(cfg)
     layouts = rank_layouts(cfg)
     stages = stage_map(cfg)
-    schedule = build_schedule(cfg.method.name, cfg.schedule.name, p, m)
+    costs = run_pass_costs(cfg)
+    schedule = planned_schedule(cfg, costs)
     rules = ScheduleRules.of(method=schedule.method, name=schedule.name, p=p)
     validate_schedule(schedule, check_deadlock=False, rules=rules)  # simulate() proves deadlock freedom
     device = device_profile(cfg.cluster.profile)
     chunk_layers = [lay.layers for lay in layouts]
-    costs = pass_costs(
-        shape, method=cfg.method.name, p=p, chunk_layers=chunk_layers, loss_place=stages.loss_place,
-        precision=cfg.precision, device=device, store_softmax=cfg.vocab.store_softmax,
-    )
     sim = simulate(schedule, costs, rules=rules)
     flops = pass_flops(shape, method=cfg.method.name, p=p, chunk_layers=chunk_layers, loss_place=stages.loss_place)
     loss_rank, loss_chunk = stages.loss_place

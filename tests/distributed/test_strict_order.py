@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from _engine_matrix import make_config
 from _matrix_group import Matrix, run_matrix
 from unit._mutants import swappable_pairs
 
+from vptrain.plan import planned_schedule
 from vptrain.schedule import Action, PassKind, build_schedule
 
 pytestmark = pytest.mark.distributed
@@ -99,8 +101,7 @@ def test_every_schedule_runs_under_the_strict_checker_in_its_own_order(runs, spe
     results, errors = _outcome(runs, spec)
     assert not errors, next(iter(errors.values()))[-3000:]
     o = spec["overrides"]
-    m = o["train.global_batch_size"] // o["layout.dp"]
-    sched = build_schedule(o["method.name"], o["schedule.name"], o["layout.pp"], m)
+    sched = planned_schedule(make_config(o, str(runs[spec["name"]])))  # what the trainer built
     for rank, result in results.items():
         stage, dp = rank % o["layout.pp"], rank // o["layout.pp"]
         row = sched.ranks[stage]

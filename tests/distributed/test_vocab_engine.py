@@ -134,12 +134,13 @@ RECORDED = [c for c in CASES if c["overrides"]["method.name"] in VOCAB_METHODS
 
 @pytest.mark.parametrize("spec", RECORDED, ids=[c["name"] for c in RECORDED])
 def test_executed_pass_order_equals_the_validated_schedule(matrix, spec):
-    from vptrain.schedule import build_schedule
+    from _engine_matrix import make_config
+
+    from vptrain.plan import planned_schedule
 
     case_dir = matrix[spec["name"]]
     o = spec["overrides"]
-    sched = build_schedule(o["method.name"], o.get("schedule.name", "1f1b"), o["layout.pp"],
-                           o["train.global_batch_size"] // o["layout.dp"])
+    sched = planned_schedule(make_config(o, str(case_dir)))  # the costed schedule the trainer builds
     for stage in range(o["layout.pp"]):
         lines = (case_dir / "passes" / f"stage{stage}_dp0.txt").read_text().splitlines()
         assert len(lines) == o["train.steps"]

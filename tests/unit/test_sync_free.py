@@ -220,3 +220,25 @@ def test_single_process_forward_backward_run_without_host_sync(precision: str) -
     with torch.no_grad(), trainer._autocast():
         expected = sum(lm_loss(trainer.model(t), y).double() for t, y in micro) / MICROBATCHES
     torch.testing.assert_close(total, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("chunk", "store"), [(0, True), (5, False)])
+def test_one_shard_output_layer_runs_without_host_sync(chunk: int, store: bool, dtype: torch.dtype) -> None:
+    """baseline / redis's last stage: the vocabulary kernel on one shard, forward and loss.backward()."""
+    from vptrain.vocab.one_shard import OneShardLoss
+
+    x, weight, labels = _problem(5, dtype)
+    rows = VocabShard.of(VOCAB, 1, 0, pad_to_multiple_of=PAD).rows  # the whole table is the one shard
+    x, weight = x.clone().requires_grad_(), weight[:rows].clone().requires_grad_()
+    loss_fn = OneShardLoss(VOCAB, chunk_tokens=chunk, store_softmax=store)
+    with forbid_host_sync("one-shard output layer"):
+        loss = loss_fn((x, weight), labels)
+        (loss / MICROBATCHES).backward()
+    kept = int((labels != IGNORE_INDEX).sum())
+    expected = ref.output_layer(x.detach().float(), weight.detach().float(), labels, VOCAB, 1,
+                                token_grad(labels, kept * MICROBATCHES), pad_to_multiple_of=PAD)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(loss.detach(), expected.per_token_loss.sum() / kept, **tol)
+    torch.testing.assert_close(x.grad.float(), expected.grad_x, **tol)
+    torch.testing.assert_close(weight.grad.float(), expected.grad_w, **tol)

@@ -24,8 +24,10 @@ from vptrain.engine.common import (
     tensor_bytes,
 )
 from vptrain.engine.deepspeed_setup import deepspeed_config, import_deepspeed
-from vptrain.model import layer_list, lm_loss
+from vptrain.engine.step_clock import install_step_clock
+from vptrain.model import layer_list
 from vptrain.optim import build_optimizer, build_scheduler
+from vptrain.vocab.one_shard import OneShardLoss
 
 
 def stage_layer_counts(cfg: RunConfig) -> list[int]:
@@ -43,6 +45,15 @@ def layer_boundaries(counts: list[int], *, leading: int, trailing: int) -> list[
         bounds.append(bounds[-1] + n + (leading if i == 0 else 0))
     bounds[-1] += trailing
     return bounds
+
+
+def plain_loss_fn(cfg: RunConfig) -> OneShardLoss:
+    """The last stage's loss for baseline and redis: the vocabulary kernel on one shard (the same
+    kernel as the vocabulary methods, DESIGN.md invariant 9), with the run's chunking and softmax
+    options. Its input is the last layer's (hidden state, output weight) pair (model.OutputLayer)."""
+    from vptrain.plan import chunk_tokens_of
+
+    return OneShardLoss(cfg.model.vocab_size, chunk_tokens=chunk_tokens_of(cfg), store_softmax=cfg.vocab.store_softmax)
 
 
 def make_topology(cfg: RunConfig):
@@ -127,6 +138,7 @@ def construct_engine(engine_cls, cfg: RunConfig, module, optimizer, scheduler, *
         **extra,
     )
     route_clipping_through_fp64(engine)  # bf16 and ZeRO clip with the fp64 norm too
+    engine.step_clock = install_step_clock(engine)  # where each rank's step goes (benchmarks)
     return engine
 
 
@@ -145,7 +157,8 @@ class PipelineTrainer:
         parts = layer_boundaries(self.counts, leading=1, trailing=2)
         torch.manual_seed(cfg.train.seed)  # layers init from their own seeds; this only fixes the rest
         with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its topology on rank 0
-            self.module = module_cls(specs, parts=parts, topology=make_topology(cfg), loss_fn=lm_loss)
+            self.module = module_cls(specs, parts=parts, topology=make_topology(cfg),
+                                     loss_fn=plain_loss_fn(cfg))
         for p in self.module.parameters():
             # DeepSpeed's fp32 clip norm keeps only pipe-rank-0 params unless they are tagged
             # model-parallel; our layer params are never replicated across stages.
@@ -216,6 +229,10 @@ class PipelineTrainer:
 
     def take_busy_seconds(self) -> float:
         return self.timer.take()
+
+    def take_instruction_seconds(self) -> dict[str, float]:
+        """Host seconds per instruction kind since the last call (engine/step_clock.py)."""
+        return self.engine.step_clock.take()
 
     def barrier(self) -> None:
         dist.barrier()

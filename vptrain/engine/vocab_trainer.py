@@ -26,10 +26,11 @@ from vptrain.engine.pipeline import (
     construct_engine,
     layer_boundaries,
     make_topology,
+    plain_loss_fn,
     stage_layer_counts,
 )
 from vptrain.engine.strict_order import OrderChecker, StrictComm
-from vptrain.model import layer_list, lm_loss, output_weight_rows, token_embedding_rows
+from vptrain.model import layer_list, output_weight_rows, token_embedding_rows
 from vptrain.optim import build_optimizer, build_scheduler
 from vptrain.plan import chunk_tokens_of
 from vptrain.schedule.memory import release_points
@@ -74,9 +75,10 @@ def vocab_groups(cfg: RunConfig, timeout: timedelta) -> list:
 
 
 def build_schedule_for(cfg: RunConfig):
-    from vptrain.schedule import build_schedule, validate_schedule
+    from vptrain.plan import planned_schedule  # the same costed schedule `vptrain plan` prints
+    from vptrain.schedule import validate_schedule
 
-    sched = build_schedule(cfg.method.name, cfg.schedule.name, cfg.layout.pp, microbatches(cfg))
+    sched = planned_schedule(cfg)
     validate_schedule(sched)
     return sched
 
@@ -103,7 +105,7 @@ class VocabTrainer(PipelineTrainer):
         module_cls, engine_cls = self._classes(ds, vhalf)
         with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its topology on rank 0
             self.module = module_cls(specs, parts=parts, topology=make_topology(cfg),
-                                     loss_fn=None if with_vocab else lm_loss)
+                                     loss_fn=None if with_vocab else plain_loss_fn(cfg))
         shard = None
         if with_vocab:
             start, end = vocab.shard_range(padded_vocab_size(cfg), pp, stage)

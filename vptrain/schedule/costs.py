@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from vptrain.schedule.ir import PassKind
 from vptrain.schedule.memory import VocabBufferSizes
+from vptrain.schedule.planner import NominalCosts
 from vptrain.schedule.simulate import PassCosts
 
 K = PassKind
@@ -186,6 +187,38 @@ def pass_costs(
     vocab = None if method in ("baseline", "redis") else vocab_buffer_sizes(
         m, method=method, p=p, store_softmax=store_softmax)
     return PassCosts(compute=compute, p2p=p2p, collective=collective, activation=activation, vocab_buffers=vocab)
+
+
+NOMINAL_QUANTUM = 1 / 64
+"""Relative pass costs are rounded to multiples of this share of a forward, so that float noise
+between machines (or a last-digit change in a profile) cannot move a vocabulary pass in the schedule."""
+
+
+HOLD_WINDOW = 0.25
+"""Forwards a rank may idle for vocab-2's chain (vocab.OverlappedVocab.hold). Scanned 0..1 at the
+paper's 8-GPU size and the small grid of tests/unit/test_schedule_bubble.py: 0.1-0.3 cut vocab-2's bubble
+at V=32k from 13.5% to 7.4%; from 0.4 on the idle costs more than the stall it saves."""
+
+
+def nominal_costs(costs: PassCosts) -> NominalCosts:
+    """The relative costs the builders place passes with, from the cost model's seconds: each compute
+    kind's mean over ranks (chunk 0), in units of the mean forward, quantised (NOMINAL_QUANTUM).
+    `vptrain plan` and the trainer both build from this, so they run the same schedule."""
+
+    def mean(kind: PassKind) -> float:
+        return sum(rank.get((kind, 0), 0.0) for rank in costs.compute) / len(costs.compute)
+
+    forward = mean(K.F)
+    if forward <= 0:
+        return NominalCosts()
+
+    def relative(kind: PassKind) -> float:
+        # At least one quantum: a pass of zero nominal length would end at its own start, and the
+        # lowering would put the collective it feeds before it.
+        return max(1, round(mean(kind) / forward / NOMINAL_QUANTUM)) * NOMINAL_QUANTUM
+
+    return NominalCosts(f=1.0, b=relative(K.B), s=relative(K.S), t=relative(K.T),
+                        input_f=relative(K.IF), input_b=relative(K.IB), hold_window=HOLD_WINDOW)
 
 
 def activation_bytes(m: ModelShape, layers: int) -> float:

@@ -34,6 +34,9 @@ class NominalCosts:
     input_b: float = 0.05
     if_lookahead: int = 2
     """IF(j) is released when stage 0 starts F(j - if_lookahead - 1); the first ones at time 0."""
+    hold_window: float = 0.0
+    """How long (in these units) a rank stays idle for a vocabulary step about to become due rather
+    than start an F/B in front of it (vocab.OverlappedVocab.hold)."""
     sync_first_inputs: int = 0
     """Interlaced: how many microbatches' input layers the first barrier runs (the warm-up's)."""
 
@@ -121,7 +124,7 @@ class Planner:
         if self.vocab.join(r, t):
             return
         action = self.vocab.take(r, t) or self._next_base(r)
-        if action is None:
+        if action is None or (action.kind in (K.F, K.B) and self.vocab.hold(r, t)):
             return  # idle until a transfer, a collective or a barrier wakes it
         self.busy[r] = True
         self.plan.computes[r].append((action, t, t + self.cost[action.kind]))

@@ -55,6 +55,11 @@ class NoVocab:
     def finished(self, r: int, a: Action, t: float) -> None:
         return None
 
+    def hold(self, r: int, t: float) -> bool:
+        """True: rank r should stay idle rather than start its next F/B (a vocabulary step it
+        takes is due within the hold window)."""
+        return False
+
     def input_ready(self, i: int) -> bool:
         return True
 
@@ -77,9 +82,28 @@ class OverlappedVocab(NoVocab):
             k: [deque() for _ in range(p)] for k in (K.S, K.T, K.IF, K.IB)
         }
         self.released_inputs = -1
+        # Known future completions (X_BCAST once the loss rank's F has started, the statistics once
+        # every rank has started its S), for `hold`.
+        self.due: dict[Key, float] = {}
+        self.s_started: dict[int, list[float]] = {}
 
     def start(self) -> None:
         self.release_inputs(self.host.costs.if_lookahead, 0.0)
+
+    def hold(self, r: int, t: float) -> bool:
+        """Wait for a vocabulary step due within `hold_window` forwards rather than start an F or B:
+        S(i) right after X_BCAST(i), and (vocab-2 on every rank, the loss rank's g broadcast
+        otherwise) the issue after the statistics. Otherwise the step waits for the whole pass
+        (up to a B), and with it the loss stage's B, which waits on the chain X_BCAST -> S ->
+        STATS -> DXHAT; a short idle here is cheaper than that stall of the whole pipeline."""
+        window = self.host.costs.hold_window
+        if K.DXHAT not in self.collectives:
+            return False  # Algorithm 1 has a whole T and the extra microbatch of slack behind it
+        for (kind, i), at in self.due.items():
+            if (kind, i) in self.host.plan.completion or at > t + window:
+                continue
+            return True
+        return False
 
     def release_inputs(self, upto: int, t: float) -> None:
         for j in range(self.released_inputs + 1, min(upto, self.host.m - 1) + 1):
@@ -96,8 +120,16 @@ class OverlappedVocab(NoVocab):
         return None
 
     def started(self, r: int, a: Action, t: float) -> None:
+        end = t + self.host.cost[a.kind]
         if a.kind is K.F and (r, a.chunk) == self.embed_place:
             self.release_inputs(a.microbatch + self.host.costs.if_lookahead + 1, t)
+        if a.kind is K.F and self.host.rules.stages.next_place(r, a.chunk) is None:
+            self.due[(K.X_BCAST, a.microbatch)] = end
+        elif a.kind is K.S:
+            ends = self.s_started.setdefault(a.microbatch, [])
+            ends.append(end)
+            if len(ends) == self.host.p:
+                self.due[(self.stats, a.microbatch)] = max(ends)
 
     def finished(self, r: int, a: Action, t: float) -> None:
         stages, i = self.host.rules.stages, a.microbatch
