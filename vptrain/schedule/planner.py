@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from vptrain.schedule.ir import Action, PassKind
 from vptrain.schedule.rules import ScheduleRules
-from vptrain.schedule.vocab import InterlacedVocab, NoVocab, OverlappedVocab
+from vptrain.schedule.interlaced import InterlacedVocab
+from vptrain.schedule.vocab import NoVocab, OverlappedVocab
 
 K = PassKind
 Key = tuple[PassKind, int]  # a collective instance: (kind, microbatch)
