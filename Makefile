@@ -19,7 +19,7 @@ $(BIN)/python:
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e ".[test,slurm,data]"
+	$(BIN)/pip install -q -e ".[test,slurm,data,hf]"
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create/refresh .venv

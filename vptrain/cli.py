@@ -2,6 +2,7 @@
 
     vptrain train  [overrides...] [-m]     compose, validate, start pp*dp workers, train
     vptrain plan   [overrides...] [-m]     layout, memory, schedule and predicted time; starts nothing
+    vptrain plan --search search.gpus=N search.memory_gib=G [overrides...]   rank methods x layouts
     vptrain submit [overrides...] [-m] [--dry-run]   render and submit an sbatch job per config
     vptrain compare DIR                     table + plots over the runs under DIR
     vptrain prepare-data ...                BPE tokenizer + memmap token shards from text files
@@ -69,13 +70,21 @@ def _handler(command: str) -> Callable:
 
 def _run_hydra(command: str, rest: list[str]) -> int:
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
     from vptrain.config import register_configs
+    from vptrain.hydra_checks import callback_overrides, check_overrides, hydra_error_line, hydra_raises
 
     register_configs()
-    extra_flags = [a for a in rest if a in ("--dry-run",)]
+    extra_flags = [a for a in rest if a in ("--dry-run", "--search")]
     rest = [a for a in rest if a not in extra_flags]
+    try:
+        check_overrides(rest, config_groups())
+    except ValueError as err:
+        print(f"vptrain {command}: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     state = {"started": False, "code": 0}
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -83,6 +92,8 @@ def _run_hydra(command: str, rest: list[str]) -> int:
         state["started"] = True
         try:
             cfg = materialize(dcfg)
+            if command == "train" and HydraConfig.get().mode == RunMode.MULTIRUN:
+                _preflight_multirun_job(cfg)  # a single run was checked before Hydra wrote anything
             if command == "train" and os.environ.get("SUBMITIT_EXECUTOR"):
                 return _run_submitit_task(cfg)
             code = _handler(command)(cfg, flags=extra_flags) or 0
@@ -94,16 +105,39 @@ def _run_hydra(command: str, rest: list[str]) -> int:
         state["code"] = max(state["code"], int(code))
         return int(code)
 
-    sys.argv = [f"vptrain {command}"] + rest
+    # The callback validates between composition and Hydra's creating the run directory.
+    sys.argv = [f"vptrain {command}"] + rest + callback_overrides(command)
     try:
-        _task()
+        with hydra_raises():
+            _task()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
         # Hydra exits 1 after printing a composition error (unknown key, bad type): a config error.
         if code == 1 and not state["started"]:
             return EXIT_CONFIG_ERROR
         return code
+    except Exception as err:
+        if state["started"]:
+            raise
+        # Hydra's parse / composition errors: one line naming the override, not Hydra's 6-8.
+        print(f"vptrain {command}: config error: {hydra_error_line(err)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     return state["code"]
+
+
+def config_groups() -> set[str]:
+    return {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+
+
+def _preflight_multirun_job(cfg) -> None:
+    """In a sweep Hydra writes each job's directory before the task: check each job here, on the
+    rank that composed it (rank 0 under srun)."""
+    from vptrain.launch.env import external_launch
+    from vptrain.preflight import preflight
+
+    launch = external_launch()
+    if launch is None or launch.rank == 0:
+        preflight(cfg, launch)
 
 
 def _run_submitit_task(cfg) -> int:
@@ -127,26 +161,35 @@ def _run_submitit_task(cfg) -> int:
     return 0
 
 
-def materialize(dcfg) -> object:
+def materialize(dcfg, hydra_cfg=None, output_dir: str | None = None) -> object:
     """DictConfig from Hydra -> typed RunConfig with the run directory, experiment name and
-    overrides filled in, validated."""
+    overrides filled in, validated. Inside the task Hydra's config comes from HydraConfig; before
+    the run directory exists (hydra_checks.CheckBeforeLaunch) the caller passes it and the directory."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
+    from vptrain.hydra_checks import check_composed_keys
     from vptrain.launch.env import external_launch
     from vptrain.validate import validate
 
-    hc = HydraConfig.get()
+    hc = hydra_cfg if hydra_cfg is not None else HydraConfig.get()
+    check_composed_keys(dcfg)
     with open_dict(dcfg):
-        dcfg.run_dir = os.path.abspath(hc.runtime.output_dir)
+        dcfg.run_dir = os.path.abspath(output_dir if output_dir is not None else hc.runtime.output_dir)
         choice = hc.runtime.choices.get("experiment")
         dcfg.experiment = choice if choice and choice != "null" else "default"
-        dcfg.overrides = list(hc.overrides.task)
+        # Kept verbatim: an override holding "${...}" must not be resolved a second time here.
+        dcfg.overrides = [o.replace("${", "\\${") for o in OmegaConf.to_container(hc.overrides.task, resolve=False)]
         if hc.mode == RunMode.MULTIRUN and not dcfg.logger.get("group"):
             # One W&B group per sweep: the experiment plus the sweep directory's name.
             dcfg.logger.group = f"{dcfg.experiment}-{os.path.basename(os.path.abspath(hc.sweep.dir))}"
-    cfg = OmegaConf.to_object(dcfg)
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except OmegaConfBaseException as err:  # a missing value (data.path: ???), a broken interpolation
+        key = getattr(err, "full_key", None) or "config"
+        raise ValueError(f"{key}: {str(err).strip().splitlines()[0]}") from None
     launch = external_launch()
     validate(cfg, world_size=launch.world_size if launch else None)
     return cfg

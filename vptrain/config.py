@@ -17,6 +17,14 @@ METHODS = ("baseline", "redis", "interlaced", "vocab-naive", "vocab-1", "vocab-2
 VOCAB_METHODS = ("interlaced", "vocab-naive", "vocab-1", "vocab-2")
 SCHEDULES = ("1f1b", "vhalf")
 PRECISIONS = ("fp32", "bf16")
+ARCHS = ("gpt", "llama")
+DEFAULT_ROPE_THETA = 10000.0
+
+
+def default_intermediate_size(hidden: int) -> int:
+    """llama's SwiGLU width when model.intermediate_size is unset: 8h/3 (as many parameters as a 4h
+    GELU MLP) rounded up to a multiple of 16."""
+    return -(-8 * hidden // (3 * 16)) * 16
 
 
 @dataclass
@@ -33,6 +41,17 @@ class ModelConfig:
     init_std: float = 0.02
     max_position_embeddings: int | None = None
     """Rows of the learned position table; defaults to seq_len."""
+    arch: str = "gpt"
+    """gpt (LayerNorm, GELU MLP, learned positions, biases) | llama (RMSNorm, SwiGLU, rotary, GQA, no
+    biases): vptrain/models/."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm (gpt) or RMSNorm (llama)."""
+    num_kv_heads: int | None = None
+    """llama: key/value heads of grouped-query attention (null: model.num_heads)."""
+    intermediate_size: int | None = None
+    """llama: width of the SwiGLU MLP (null: 8h/3 rounded up to a multiple of 16)."""
+    rope_theta: float | None = None
+    """llama: base of the rotary frequencies (null: 10000)."""
 
 
 @dataclass
@@ -185,6 +204,26 @@ class ClusterConfig:
 
 
 @dataclass
+class SearchConfig:
+    """`vptrain plan --search`: which method, schedule and (pp, dp) to run (vptrain/search.py)."""
+
+    gpus: int | None = None
+    """GPUs to spend: every pp x dp = gpus is tried (None: layout.pp * layout.dp)."""
+    memory_gib: float | None = None
+    """Memory budget per GPU in GiB (None: cluster.gpu_memory_gb)."""
+    top: int = 5
+    """Plans printed (and simulated at least)."""
+    margin: float = 0.02
+    """Keep simulating while a candidate's estimate is within this fraction of the top's last
+    (estimates are scaled by what the simulation showed for the same method and schedule)."""
+    max_simulations: int = 12
+    """At most this many plans are simulated for the top (plus up to 3 per method missing from it, to
+    say why it loses); the rest are ranked by the cost model's estimate (search_candidates.json)."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    schedules: list[str] = field(default_factory=lambda: list(SCHEDULES))
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
@@ -197,6 +236,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     precision: str = "fp32"
     """fp32 | bf16 (softmax statistics stay fp32 either way)"""
     experiment: str = "default"
@@ -242,15 +282,8 @@ def microbatches(cfg: RunConfig) -> int:
 
 
 def padded_vocab_size(cfg: RunConfig) -> int:
-    """Vocabulary rows after padding to a multiple of pp (vocab methods) and pad_to_multiple_of."""
-    multiple = cfg.vocab.pad_to_multiple_of
-    if cfg.method.name in VOCAB_METHODS:
-        multiple = _lcm(multiple, cfg.layout.pp)
-    v = cfg.model.vocab_size
-    return -(-v // multiple) * multiple
+    """Vocabulary rows after padding to a multiple of pp (vocab methods) and pad_to_multiple_of:
+    the resolved plan's (vptrain/resolved.py), which every other module reads."""
+    from vptrain.resolved import vocab_shards  # resolved imports this module
 
-
-def _lcm(a: int, b: int) -> int:
-    from math import gcd
-
-    return a * b // gcd(a, b)
+    return vocab_shards(cfg).rows

@@ -1,13 +1,13 @@
 """Model FLOPs per step and device peak rates (the paper's counting, Table 4).
 
 Training FLOPs (forward + backward) per sequence of s tokens:
-transformer layer s*h*(72h + 12s), output layer 6*s*h*V, input layer 3*s*h. No causal halving,
-as the paper's artifact counts; the vocabulary layers are included.
+transformer layer s*h*(72h + 12s) (llama: s*(6*weights + 12hs)), output layer 6*s*h*V, input layer
+3*s*h. No causal halving, as the paper's artifact counts; the vocabulary layers are included.
 """
 
 from __future__ import annotations
 
-from vptrain.config import RunConfig
+from vptrain.config import RunConfig, default_intermediate_size
 
 # Dense peak TFLOP/s per device used for MFU (bf16 tensor cores for GPUs). The CPU figure is a
 # nominal 2-core AVX2 fp32 rate; CPU MFU is only comparable between runs on the same machine.
@@ -16,6 +16,11 @@ PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "cpu": 0.1}
 
 def transformer_layer_flops(cfg: RunConfig, tokens: int) -> float:
     h, s = cfg.model.hidden_size, cfg.model.seq_len
+    if cfg.model.arch == "llama":  # 6 FLOPs per weight and token (GQA k/v, SwiGLU), attention as the GPT's
+        m = cfg.model
+        kv = (m.num_kv_heads or m.num_heads) * (h // m.num_heads)
+        weights = 2 * h * h + 2 * h * kv + 3 * h * (m.intermediate_size or default_intermediate_size(h))
+        return tokens * (6 * weights + 12 * h * s)
     return tokens * h * (72 * h + 12 * s)
 
 

@@ -1,6 +1,8 @@
-"""Where everything lives: transformer layers per stage, vocabulary rows per rank, rank -> (pp, dp).
+"""The placement rules: transformer layers per stage, vocabulary rows per shard, rank -> (pp, dp).
 
-Pure Python (no torch): `vptrain plan` and the engine call the same functions.
+Pure arithmetic (no torch, no config): `vptrain.resolved.resolve` applies these rules to a config
+once, and `vptrain plan`, the trainer and W&B all read the one plan it returns. The functions below
+that take a config are thin delegations to that plan, kept for callers that want one field of it.
 
 Rank map: global rank = dp_index * pp + pp_index, so the pipeline index varies fastest and the ranks
 of one pipeline are contiguous (one node holds whole pipelines when pp divides the GPUs per node).
@@ -8,24 +10,28 @@ of one pipeline are contiguous (one node holds whole pipelines when pp divides t
 Layers per stage:
   * `layout.layers_per_stage` when given;
   * redis: counts that balance the estimated stage compute, the input layer counted on the first
-    stage and the output layer + loss on the last, in transformer-layer units from the cost model;
+    stage and the output layer + loss on the last, in transformer-layer units from the cost model
+    (balance_layers);
   * otherwise an even split with the remainder on the later stages (in 1F1B they keep fewer
-    microbatches in flight, so the extra layers cost them the least activation memory).
+    microbatches in flight, so the extra layers cost them the least activation memory; even_split).
 V-Half has 2 * pp stages: stage s lives on rank s (chunk 0) for s < pp, else on rank 2pp-1-s (chunk 1).
 
-Vocabulary rows: vocab methods give every rank V_padded / pp contiguous rows of both tables (rank r:
-rows [r*V_padded/pp, (r+1)*V_padded/pp)); baseline/redis put the whole input table on the first
-stage and the whole output table on the last.
+Vocabulary rows: the table is padded to the smallest multiple of the shard count and
+`vocab.pad_to_multiple_of` at or above V (padded_vocab_rows); vocab methods give every rank
+V_padded / pp contiguous rows of both tables (shard_range), baseline/redis put the whole input table
+on the first stage and the whole output table on the last (one shard).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from vptrain.config import RunConfig, padded_vocab_size
-from vptrain.schedule.costs import ModelShape, vocab_layer_units
-from vptrain.schedule.rules import StageMap
+if TYPE_CHECKING:  # the delegations import lazily: vptrain.resolved imports this module
+    from vptrain.config import RunConfig
+    from vptrain.schedule.costs import ModelShape
+    from vptrain.schedule.rules import StageMap
 
 
 @dataclass(frozen=True)
@@ -58,42 +64,27 @@ class RankLayout:
         return sum(self.layers)
 
 
-def rank_map(cfg: RunConfig) -> list[RankCoord]:
-    pp, dp = cfg.layout.pp, cfg.layout.dp
-    return [RankCoord(rank=d * pp + s, pp=s, dp=d) for d in range(dp) for s in range(pp)]
+def padded_vocab_rows(vocab_size: int, num_shards: int, pad_to_multiple_of: int = 1) -> int:
+    """Smallest row count >= vocab_size that is a multiple of num_shards and pad_to_multiple_of."""
+    if vocab_size < 1 or num_shards < 1 or pad_to_multiple_of < 1:
+        raise ValueError(
+            f"need vocab_size, num_shards, pad_to_multiple_of >= 1, got {vocab_size}, {num_shards}, "
+            f"{pad_to_multiple_of}"
+        )
+    multiple = num_shards * pad_to_multiple_of // math.gcd(num_shards, pad_to_multiple_of)
+    return -(-vocab_size // multiple) * multiple
 
 
-def stage_map(cfg: RunConfig) -> StageMap:
-    return StageMap(cfg.layout.pp, cfg.schedule.name)
-
-
-def model_shape(cfg: RunConfig) -> ModelShape:
-    m = cfg.model
-    return ModelShape(
-        vocab=m.vocab_size,
-        vocab_rows=padded_vocab_size(cfg),
-        layers=m.num_layers,
-        hidden=m.hidden_size,
-        seq=m.seq_len,
-        micro_batch=cfg.train.micro_batch_size,
-        act_bytes=2 if cfg.precision == "bf16" else 4,
-        tied=m.tie_embeddings,
-    )
-
-
-def stage_layers(cfg: RunConfig) -> list[int]:
-    """Transformer layers per pipeline stage, in stage order."""
-    if cfg.layout.layers_per_stage is not None:
-        return list(cfg.layout.layers_per_stage)
-    stages = stage_map(cfg).num_stages
-    total = cfg.model.num_layers
-    if cfg.method.name == "redis":
-        first, last = vocab_layer_units(model_shape(cfg))
-        extras = [0.0] * stages
-        extras[0] += first
-        extras[-1] += last
-        return balance_layers(total, extras)
-    return even_split(total, stages)
+def shard_range(vocab_rows: int, num_shards: int, rank: int) -> tuple[int, int]:
+    """Rows [start, end) of shard `rank` when `vocab_rows` is cut into `num_shards` equal pieces."""
+    if num_shards < 1 or not 0 <= rank < num_shards:
+        raise ValueError(f"rank {rank} is not in [0, {num_shards})")
+    if vocab_rows % num_shards:
+        raise ValueError(
+            f"vocab_rows={vocab_rows} is not a multiple of num_shards={num_shards}; pad it first (padded_vocab_rows)"
+        )
+    rows = vocab_rows // num_shards
+    return rank * rows, (rank + 1) * rows
 
 
 def even_split(total: int, parts: int) -> list[int]:
@@ -123,32 +114,36 @@ def balance_layers(total: int, extras: list[float]) -> list[int]:
     return layers
 
 
+# Thin delegations to the resolved plan's layout (vptrain.resolved): no second derivation here.
+
+
+def rank_map(cfg: RunConfig) -> list[RankCoord]:
+    from vptrain.resolved import resolve_layout
+
+    return list(resolve_layout(cfg).rank_map)
+
+
+def stage_map(cfg: RunConfig) -> StageMap:
+    from vptrain.resolved import resolve_layout
+
+    return resolve_layout(cfg).stages
+
+
+def model_shape(cfg: RunConfig) -> ModelShape:
+    from vptrain.resolved import resolve_layout
+
+    return resolve_layout(cfg).shape
+
+
+def stage_layers(cfg: RunConfig) -> list[int]:
+    """Transformer layers per pipeline stage, in stage order."""
+    from vptrain.resolved import resolve_layout
+
+    return list(resolve_layout(cfg).stage_layers)
+
+
 def rank_layouts(cfg: RunConfig) -> list[RankLayout]:
     """One entry per pipeline rank."""
-    stages = stage_map(cfg)
-    per_stage = stage_layers(cfg)
-    starts = [sum(per_stage[:s]) for s in range(len(per_stage))]
-    rows = padded_vocab_size(cfg)
-    p = cfg.layout.pp
-    sharded = cfg.method.name not in ("baseline", "redis")
-    loss_rank = stages.loss_place[0]
-    out = []
-    for r in range(p):
-        held = tuple(stages.stage(r, c) for c in range(stages.chunks))
-        shard = (r * rows // p, (r + 1) * rows // p)
-        embedding = shard if sharded else ((0, rows) if r == stages.embed_place[0] else (0, 0))
-        output = shard if sharded else ((0, rows) if r == loss_rank else (0, 0))
-        out.append(
-            RankLayout(
-                pp_rank=r,
-                stages=held,
-                layers=tuple(per_stage[s] for s in held),
-                first_layer=tuple(starts[s] for s in held),
-                embedding_rows=embedding,
-                output_rows=output,
-                position_embedding=r == stages.embed_place[0],
-                final_norm=r == loss_rank,
-                loss=r == loss_rank,
-            )
-        )
-    return out
+    from vptrain.resolved import resolve_layout
+
+    return list(resolve_layout(cfg).ranks)

@@ -60,6 +60,26 @@ def gather_stage_stats(local: dict[str, Any], num_stages: int) -> list[dict[str,
     return per_stage
 
 
+def truncate_rows(path: str, *, keep_steps: int) -> None:
+    """Keep the rows of steps 0..keep_steps-1 in a metrics.jsonl (rewritten atomically); a torn
+    last line (a crash mid-write) goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < keep_steps:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 @dataclass
 class RunMetrics:
     cfg: RunConfig
@@ -77,8 +97,13 @@ class RunMetrics:
         self.path = os.path.join(self.cfg.run_dir, "metrics.jsonl")
 
     def restore(self, losses: list[float]) -> None:
-        """Continue the per-step loss record of a resumed run."""
+        """Continue the per-step record of a run resumed after len(losses) steps (none: a fresh
+        start). metrics.jsonl keeps only the rows of those steps: the steps a crashed run did after
+        its last checkpoint are redone, and must not be logged twice (nor a fresh run's in an
+        older run's file)."""
         self.losses = list(losses)
+        if self.is_logger:
+            truncate_rows(self.path, keep_steps=len(losses))
 
     def record(self, step: int, *, loss: float, lr: float, grad_norm: float | None, iter_s: float,
                stages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
     vptrain plan model=gpt-4b layout.pp=8 model.vocab_size=262144 method=vocab-2 cluster=a100
     vptrain plan -m method=baseline,redis,vocab-1,vocab-2      # one plan per job, one summary line each
 
-Prints the resolved config (short), the rank map, a per-stage table (layers, vocabulary rows,
+Prints the resolved plan (vptrain/resolved.py: the one the trainer executes and W&B logs): the
+config (short), the rank map, a per-stage table (layers, vocabulary rows,
 parameters, memory by kind, compute per step), the validated schedule grid, and the simulated bubble
 rate, iteration time and MFU for `cluster.profile`; warns when a stage exceeds
 `cluster.gpu_memory_gb`. Writes plan.json, schedule.txt and schedule.png into the run directory.
@@ -16,34 +17,29 @@ import os
 import time
 from dataclasses import dataclass
 
-from vptrain.config import RunConfig, microbatches, padded_vocab_size
-from vptrain.layout import RankLayout, model_shape, rank_layouts, rank_map, stage_map
+from vptrain.config import RunConfig
+from vptrain.layout import RankLayout
+from vptrain.resolved import GIB, ResolvedPlan, costed_schedule, layout_pass_costs, resolve, resolve_layout
 from vptrain.schedule import (
     PassCosts,
     PassKind,
     Schedule,
-    ScheduleRules,
     SimResult,
-    build_schedule,
     format_schedule,
     render_ascii,
     render_png,
     simulate,
-    validate_schedule,
 )
 from vptrain.schedule.costs import (
-    default_chunk_tokens,
     device_profile,
     model_flops,
-    nominal_costs,
     parameter_count,
-    pass_costs,
     pass_flops,
     state_bytes,
     vocab_buffer_bytes,
 )
+from vptrain.schedule.memo import ScheduleMemo
 
-GIB = float(1 << 30)
 MEMORY_KINDS = ("params", "grads", "optimizer", "activations", "vocab_buffers")
 
 
@@ -63,12 +59,21 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    cfg: RunConfig
-    schedule: Schedule
+    """The resolved plan (what runs) and what the planner predicts for it."""
+
+    resolved: ResolvedPlan
     sim: SimResult
     stages: list[StagePlan]
     mfu: float
     warnings: list[str]
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.resolved.cfg
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.resolved.schedule
 
     @property
     def iteration_s(self) -> float:
@@ -76,61 +81,42 @@ class Plan:
 
 
 def chunk_tokens_of(cfg: RunConfig) -> int:
-    """vocab.chunk_tokens as the run uses it: the user's value, or, left unset, the largest chunk
-    whose transient logits fit a share of cluster.gpu_memory_gb (costs.default_chunk_tokens).
-    The trainer calls this too, so `vptrain plan` prints what runs."""
-    if cfg.vocab.chunk_tokens is not None:
-        return cfg.vocab.chunk_tokens
-    if cfg.method.name in ("baseline", "redis"):
-        return 0  # no vocabulary passes
-    shape = model_shape(cfg)
-    return default_chunk_tokens(shape, p=cfg.layout.pp, act_bytes=shape.act_bytes,
-                                memory_bytes=cfg.cluster.gpu_memory_gb * GIB)
+    """vocab.chunk_tokens as the run uses it: the resolved plan's (vptrain.resolved)."""
+    return resolve_layout(cfg).chunk_tokens
 
 
 def run_pass_costs(cfg: RunConfig) -> PassCosts:
-    """The cost model's seconds per pass for this config: what `vptrain plan` simulates and what the
-    schedule is built from (planned_schedule), in the planner and the trainer alike."""
-    chunk_layers = [lay.layers for lay in rank_layouts(cfg)]
-    return pass_costs(
-        model_shape(cfg), method=cfg.method.name, p=cfg.layout.pp, chunk_layers=chunk_layers,
-        loss_place=stage_map(cfg).loss_place, precision=cfg.precision,
-        device=device_profile(cfg.cluster.profile), store_softmax=cfg.vocab.store_softmax,
-    )
+    """The cost model's seconds per pass for this config: the resolved plan's costs."""
+    return layout_pass_costs(cfg, resolve_layout(cfg))
 
 
 def planned_schedule(cfg: RunConfig, costs: PassCosts | None = None) -> Schedule:
-    """The schedule a run executes: built with the relative pass costs of this config
-    (costs.nominal_costs). The trainer calls this too, so `vptrain plan` shows what runs."""
-    costs = costs or run_pass_costs(cfg)
-    return build_schedule(cfg.method.name, cfg.schedule.name, cfg.layout.pp, microbatches(cfg),
-                          nominal=nominal_costs(costs))
+    """The schedule a run executes: the resolved plan's (vptrain.resolved.resolve); with `costs`,
+    the one the same builder makes from those costs instead."""
+    return resolve(cfg).schedule if costs is None else costed_schedule(cfg, costs)
 
 
-def make_plan(cfg: RunConfig) -> Plan:
-    """Layout, schedule (validated), simulation and memory for `cfg`; pure, starts nothing."""
-    p, m = cfg.layout.pp, microbatches(cfg)
-    shape = model_shape(cfg)
-    layouts = rank_layouts(cfg)
-    stages = stage_map(cfg)
-    costs = run_pass_costs(cfg)
-    schedule = planned_schedule(cfg, costs)
-    rules = ScheduleRules.of(method=schedule.method, name=schedule.name, p=p)
-    validate_schedule(schedule, check_deadlock=False, rules=rules)  # simulate() proves deadlock freedom
+def make_plan(cfg: RunConfig, *, memo: ScheduleMemo | None = None) -> Plan:
+    """The resolved plan of `cfg` with its simulation and memory; pure, starts nothing. `memo`
+    (schedule/memo.py): schedules already built in the same loop of plans (the search's)."""
+    resolved = resolve(cfg, check_deadlock=False, memo=memo)  # simulate() proves deadlock freedom
+    lay, schedule, costs = resolved.layout, resolved.schedule, resolved.costs
+    p, m, shape = cfg.layout.pp, lay.num_microbatches, lay.shape
     device = device_profile(cfg.cluster.profile)
-    chunk_layers = [lay.layers for lay in layouts]
-    sim = simulate(schedule, costs, rules=rules)
-    flops = pass_flops(shape, method=cfg.method.name, p=p, chunk_layers=chunk_layers, loss_place=stages.loss_place)
-    loss_rank, loss_chunk = stages.loss_place
+    chunk_layers = [r.layers for r in lay.ranks]
+    sim = simulate(schedule, costs, rules=resolved.rules)
+    loss_place = lay.stages.loss_place
+    flops = pass_flops(shape, method=cfg.method.name, p=p, chunk_layers=chunk_layers, loss_place=loss_place)
+    loss_rank, loss_chunk = loss_place
     out, warnings = [], []
-    for r, lay in enumerate(layouts):
+    for r, rank in enumerate(lay.ranks):
         params = parameter_count(
             shape,
-            layers=lay.num_layers,
-            embedding_rows=lay.embedding_rows[1] - lay.embedding_rows[0],
-            output_rows=lay.output_rows[1] - lay.output_rows[0],
-            positions=lay.position_embedding,
-            final_norm=lay.final_norm,
+            layers=rank.num_layers,
+            embedding_rows=rank.embedding_rows[1] - rank.embedding_rows[0],
+            output_rows=rank.output_rows[1] - rank.output_rows[0],
+            positions=rank.position_embedding,
+            final_norm=rank.final_norm,
         )
         memory = state_bytes(
             params, precision=cfg.precision, optimizer=cfg.optim.name, zero_stage=cfg.optim.zero_stage, dp=cfg.layout.dp
@@ -142,7 +128,7 @@ def make_plan(cfg: RunConfig) -> Plan:
             shape, method=cfg.method.name, p=p, in_flight_vocab=sim.peak_vocab_in_flight[r], loss_in_flight=loss_held
         )
         step_flops = sum(flops[r].get((a.kind, a.chunk), 0.0) for a in schedule.ranks[r] if a.kind.is_compute)
-        stage = StagePlan(lay, params, memory, step_flops, sim.busy[r], sim.peak_in_flight[r])
+        stage = StagePlan(rank, params, memory, step_flops, sim.busy[r], sim.peak_in_flight[r])
         if stage.memory_total > cfg.cluster.gpu_memory_gb * GIB:
             warnings.append(
                 f"pp rank {r} needs {stage.memory_total / GIB:.1f} GiB > cluster.gpu_memory_gb="
@@ -151,7 +137,7 @@ def make_plan(cfg: RunConfig) -> Plan:
         out.append(stage)
     peak = device.peak_flops[cfg.precision]
     mfu = m * model_flops(shape) / (sim.makespan * p * peak) if sim.makespan > 0 else 0.0
-    return Plan(cfg, schedule, sim, out, mfu, warnings)
+    return Plan(resolved, sim, out, mfu, warnings)
 
 
 def _chunk_peak(s: Schedule, rank: int, chunk: int) -> int:
@@ -167,6 +153,10 @@ def _chunk_peak(s: Schedule, rank: int, chunk: int) -> int:
 
 def run_plan(cfg: RunConfig, flags: list[str] | None = None) -> int:
     """The `vptrain plan` command: print the plan, write plan.json / schedule.{txt,png}. Returns 0."""
+    if flags and "--search" in flags:  # rank methods x layouts instead (vptrain/search.py)
+        from vptrain.search import run_search
+
+        return run_search(cfg)
     started = time.perf_counter()
     plan = make_plan(cfg)
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -183,10 +173,11 @@ def run_plan(cfg: RunConfig, flags: list[str] | None = None) -> int:
 
 
 def plan_dict(plan: Plan) -> dict:
-    cfg, sim = plan.cfg, plan.sim
+    sim = plan.sim
     return {
-        "config": _config_summary(cfg),
-        "rank_map": [{"rank": c.rank, "pp": c.pp, "dp": c.dp} for c in rank_map(cfg)],
+        "config": _config_summary(plan),
+        "resolved": plan.resolved.summary(),
+        "rank_map": [{"rank": c.rank, "pp": c.pp, "dp": c.dp} for c in plan.resolved.layout.rank_map],
         "stages": [
             {
                 "pp_rank": st.layout.pp_rank,
@@ -218,14 +209,15 @@ def plan_dict(plan: Plan) -> dict:
     }
 
 
-def _config_summary(cfg: RunConfig) -> dict:
+def _config_summary(plan: Plan) -> dict:
+    cfg, lay = plan.cfg, plan.resolved.layout
     m = cfg.model
     return {
         "model": m.name, "layers": m.num_layers, "hidden": m.hidden_size, "heads": m.num_heads, "seq": m.seq_len,
-        "vocab": m.vocab_size, "vocab_rows": padded_vocab_size(cfg), "method": cfg.method.name,
-        "schedule": cfg.schedule.name, "pp": cfg.layout.pp, "dp": cfg.layout.dp, "microbatches": microbatches(cfg),
+        "vocab": m.vocab_size, "vocab_rows": lay.vocab.rows, "method": cfg.method.name,
+        "schedule": cfg.schedule.name, "pp": cfg.layout.pp, "dp": cfg.layout.dp, "microbatches": lay.num_microbatches,
         "micro_batch_size": cfg.train.micro_batch_size, "precision": cfg.precision,
-        "chunk_tokens": chunk_tokens_of(cfg), "chunk_tokens_chosen": cfg.vocab.chunk_tokens is None,
+        "chunk_tokens": lay.chunk_tokens, "chunk_tokens_chosen": cfg.vocab.chunk_tokens is None,
         "profile": cfg.cluster.profile, "gpu_memory_gb": cfg.cluster.gpu_memory_gb,
     }
 
@@ -245,7 +237,7 @@ def _si(x: float) -> str:
 
 def format_report(plan: Plan) -> str:
     cfg, sim = plan.cfg, plan.sim
-    c = _config_summary(cfg)
+    c = _config_summary(plan)
     lines = [
         f"vptrain plan: {c['model']} ({c['layers']} layers, h {c['hidden']}, {c['heads']} heads, s {c['seq']}, "
         f"V {c['vocab']} -> {c['vocab_rows']} rows), method {c['method']}, schedule {c['schedule']}",
@@ -256,7 +248,7 @@ def format_report(plan: Plan) -> str:
         "",
         "rank map (rank = dp_index * pp + pp_index: the pipeline index varies fastest)",
     ]
-    coords = rank_map(cfg)
+    coords = plan.resolved.layout.rank_map
     for d in range(min(cfg.layout.dp, 4)):
         ranks = [x.rank for x in coords if x.dp == d]
         lines.append(f"  dp {d}: ranks {ranks[0]}..{ranks[-1]} = pp 0..{cfg.layout.pp - 1}")
@@ -274,6 +266,8 @@ def format_report(plan: Plan) -> str:
     busy = [st.busy_s for st in plan.stages]
     lines.append(f"stage compute: max/min {max(busy) / max(min(busy), 1e-30):.2f}, peak in-flight "
                  f"microbatch-chunks per rank {list(sim.peak_in_flight)}")
+    lines.append(f"schedule.txt sha1 {plan.resolved.summary()['schedule_sha1'][:12]}: the trainer runs these "
+                 "actions (W&B config plan.schedule_sha1)")
     lines += [f"WARNING: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
@@ -303,7 +297,7 @@ def _rows(span: tuple[int, int]) -> str:
 
 def summary_line(plan: Plan) -> str:
     """One greppable line per job, so a multirun over methods compares at a glance."""
-    c = _config_summary(plan.cfg)
+    c = _config_summary(plan)
     busy = [st.busy_s for st in plan.stages]
     mem = max(st.memory_total for st in plan.stages)
     return (

@@ -19,6 +19,7 @@ from vptrain.engine.deepspeed_setup import new_groups_time_out_after
 from vptrain.launch.env import LaunchEnv, cuda_device_index, nccl_environment
 from vptrain.metrics import RunMetrics, gather_stage_stats, rank_stats
 from vptrain.preempt import Preemption
+from vptrain.resolved import ResolvedPlan, resolve
 
 
 class TrainingError(RuntimeError):
@@ -76,18 +77,21 @@ def _barrier(device: torch.device) -> None:
         dist.barrier()
 
 
-def build_trainer(cfg: RunConfig, device: torch.device, rank: int):
+def build_trainer(cfg: RunConfig, device: torch.device, rank: int, plan: ResolvedPlan | None = None):
+    """The trainer of this rank, executing `plan` (default: the config's resolved plan, the one
+    `vptrain plan` prints): its stage's layers, its vocabulary rows and its action list."""
+    plan = plan or resolve(cfg)
     if cfg.layout.pp == 1:
         from vptrain.engine.single import SingleProcessTrainer
 
-        return SingleProcessTrainer(cfg, device=device, dp_rank=rank)
+        return SingleProcessTrainer(cfg, device=device, dp_rank=rank, plan=plan)
     if cfg.method.name in ("baseline", "redis") and cfg.schedule.name == "1f1b":
         from vptrain.engine.pipeline import PipelineTrainer
 
-        return PipelineTrainer(cfg, device=device)
+        return PipelineTrainer(cfg, device=device, plan=plan)
     from vptrain.engine.vocab_trainer import VocabTrainer
 
-    return VocabTrainer(cfg, device=device)
+    return VocabTrainer(cfg, device=device, plan=plan)
 
 
 def train_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> dict | None:
@@ -115,45 +119,61 @@ def train_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> dict | None:
 
 
 def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: bool) -> dict | None:
-    trainer = build_trainer(cfg, device, launch.rank)
+    plan = resolve(cfg)  # once: the layout, shards and schedule this rank executes
+    trainer = build_trainer(cfg, device, launch.rank, plan)
     data = StepData(cfg)
+    say = (lambda msg: print(f"vptrain: {msg}", flush=True)) if is_logger else (lambda msg: None)
+    resume_from = checkpoint.resolve_resume(cfg, report=say)
     wandb = None
     if is_logger and cfg.logger.name == "wandb":
         from vptrain.wandb_logger import WandbLogger, run_config
 
-        wandb = WandbLogger(cfg, config=run_config(cfg, to_dict(cfg)))
+        # Continue the W&B run of the checkpoint resumed from; anything else is a new W&B run.
+        resume_id = (checkpoint.read_meta(resume_from) or {}).get("wandb_run_id") if resume_from else None
+        wandb = WandbLogger(cfg, config=run_config(cfg, to_dict(cfg), plan=plan), resume_id=resume_id)
     metrics = RunMetrics(cfg, is_logger=is_logger, world_size=launch.world_size, wandb=wandb)
     if is_logger:
         print(f"vptrain: {cfg.method.name} on {cfg.schedule.name}, pp={cfg.layout.pp} dp={cfg.layout.dp}, "
               f"{cfg.train.steps} steps, run dir {cfg.run_dir}", flush=True)
-    start_step = 0
-    resume_from = checkpoint.resolve_resume(cfg)
+    start_step, losses = 0, []
     if resume_from is not None:
-        meta = checkpoint.load(cfg, trainer, resume_from)
-        start_step = meta["step"]
-        metrics.restore(meta["losses"])
-        if is_logger:
-            print(f"vptrain: resumed from {resume_from} at step {start_step}", flush=True)
+        try:
+            meta = checkpoint.load(cfg, trainer, resume_from)
+        except checkpoint.CheckpointError as err:
+            raise TrainingError(str(err)) from None
+        start_step, losses = meta["step"], meta["losses"]
+        say(f"resumed from {resume_from} at step {start_step}")
+    metrics.restore(losses)  # metrics.jsonl keeps exactly the steps before start_step
+    last_step, stop_at = cfg.train.steps, cfg.train.stop_at_step
+    if 0 < stop_at <= start_step:
+        say(f"train.stop_at_step={stop_at} is already passed (resumed at step {start_step}): stopping without "
+            f"training; raise train.stop_at_step or set it to 0 to continue")
+        last_step = start_step
     every = cfg.train.checkpoint_every
     preempt = Preemption.install(cfg.cluster.signal)  # Slurm's pre-timeout / preemption signals
     exit_code = 1
     try:
-        for step in range(start_step, cfg.train.steps):
+        for step in range(start_step, last_step):
             micro = data.microbatches(step, trainer.dp_rank)
             start = time.perf_counter()
             result = trainer.train_step(micro)
             iter_s = time.perf_counter() - start
             if not math.isfinite(result.loss):
-                raise TrainingError(f"step {step + 1}: loss is {result.loss}; stopping (no step taken after it)")
+                raise TrainingError(f"step {step + 1}: loss is {result.loss}; stopping (no step taken after it). "
+                                    f"{checkpoint.last_good_note(cfg)}")
             stages = gather_stage_stats(rank_stats(trainer, device, trainer.take_busy_seconds()), trainer.num_stages)
             metrics.record(step, loss=result.loss, lr=trainer.current_lr(), grad_norm=result.grad_norm,
                            iter_s=iter_s, stages=stages)
             done = step + 1
             preempted = preempt.agreed(device) and done < cfg.train.steps  # collective: same answer everywhere
-            stopping = done == cfg.train.stop_at_step or preempted
+            stopping = 0 < stop_at <= done or preempted
             final = done == cfg.train.steps and cfg.train.checkpoint_at_end
             if (every and done % every == 0) or final or stopping:
-                checkpoint.save(cfg, trainer, step=done, losses=metrics.losses)
+                try:
+                    checkpoint.save(cfg, trainer, step=done, losses=metrics.losses,
+                                    wandb_run_id=wandb.run_id if wandb is not None else None)
+                except checkpoint.CheckpointError as err:  # weights went non-finite: nothing was saved
+                    raise TrainingError(str(err)) from None
             if preempted:
                 if wandb is not None:
                     wandb.mark_preempting()

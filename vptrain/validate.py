@@ -9,7 +9,9 @@ from __future__ import annotations
 import glob
 import os
 
-from vptrain.config import METHODS, PRECISIONS, SCHEDULES, VOCAB_METHODS, RunConfig
+from vptrain.config import ARCHS, METHODS, PRECISIONS, SCHEDULES, VOCAB_METHODS, RunConfig
+from vptrain.schedule.costs import device_profile
+from vptrain.validate_ranges import check_ranges
 
 # Which methods each schedule can run (the paper's comparison set).
 SCHEDULE_METHODS = {
@@ -26,7 +28,7 @@ def validate(cfg: RunConfig, *, world_size: int | None = None) -> None:
     """Check every cross-field rule; `world_size` is the launcher's world when ranks were started
     externally (torchrun, srun), None when vptrain starts them itself."""
     m, lay, t = cfg.model, cfg.layout, cfg.train
-    _positive(cfg)
+    check_ranges(cfg)
     if cfg.method.name not in METHODS:
         _fail("method", f"unknown method '{cfg.method.name}'; choose one of {', '.join(METHODS)}")
     if cfg.schedule.name not in SCHEDULES:
@@ -41,6 +43,7 @@ def validate(cfg: RunConfig, *, world_size: int | None = None) -> None:
         _fail("precision", f"'{cfg.precision}' is not supported; use fp32 or bf16")
     if m.hidden_size % m.num_heads:
         _fail("model.num_heads", f"{m.num_heads} heads must divide model.hidden_size={m.hidden_size}")
+    _check_arch(cfg)
     pos = m.max_position_embeddings
     if pos is not None and pos < m.seq_len:
         _fail("model.max_position_embeddings", f"{pos} < model.seq_len={m.seq_len}; raise it or leave it null")
@@ -79,41 +82,21 @@ def validate(cfg: RunConfig, *, world_size: int | None = None) -> None:
         )
 
 
-def _positive(cfg: RunConfig) -> None:
-    checks = {
-        "model.vocab_size": cfg.model.vocab_size,
-        "model.num_layers": cfg.model.num_layers,
-        "model.hidden_size": cfg.model.hidden_size,
-        "model.num_heads": cfg.model.num_heads,
-        "model.seq_len": cfg.model.seq_len,
-        "layout.pp": cfg.layout.pp,
-        "layout.dp": cfg.layout.dp,
-        "train.steps": cfg.train.steps,
-        "train.global_batch_size": cfg.train.global_batch_size,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
-        "train.log_every": cfg.train.log_every,
-        "vocab.pad_to_multiple_of": cfg.vocab.pad_to_multiple_of,
-        "launcher.threads_per_rank": cfg.launcher.threads_per_rank,
-    }
-    for key, value in checks.items():
-        if value < 1:
-            _fail(key, f"must be >= 1, got {value}")
-    for key, value in {
-        "optim.lr": cfg.optim.lr,
-        "train.collective_timeout_s": cfg.train.collective_timeout_s,
-    }.items():
-        if value <= 0:
-            _fail(key, f"must be > 0, got {value}")
-    for key, value in {
-        "train.grad_clip": cfg.train.grad_clip,
-        "train.checkpoint_every": cfg.train.checkpoint_every,
-        "train.stop_at_step": cfg.train.stop_at_step,
-        "vocab.chunk_tokens": 0 if cfg.vocab.chunk_tokens is None else cfg.vocab.chunk_tokens,  # None: the plan's
-        "optim.warmup_steps": cfg.optim.warmup_steps,
-        "optim.min_lr": cfg.optim.min_lr,
-    }.items():
-        if value < 0:
-            _fail(key, f"must be >= 0, got {value}")
+def _check_arch(cfg: RunConfig) -> None:
+    m = cfg.model
+    if m.arch not in ARCHS:
+        _fail("model.arch", f"unknown architecture '{m.arch}'; choose one of {', '.join(ARCHS)}")
+    if m.arch != "llama":
+        for key in ("num_kv_heads", "intermediate_size", "rope_theta"):
+            if getattr(m, key) is not None:
+                _fail(f"model.{key}", f"applies to model.arch=llama only; leave it null for model.arch={m.arch}")
+        return
+    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+        _fail("model.num_kv_heads", f"{m.num_kv_heads} key/value heads must divide model.num_heads={m.num_heads} "
+              "(each serves a group of query heads)")
+    if (m.hidden_size // m.num_heads) % 2:
+        _fail("model.num_heads", f"head size model.hidden_size / model.num_heads = {m.hidden_size // m.num_heads} "
+              "must be even for rotary embeddings; change model.num_heads or model.hidden_size")
 
 
 def _check_layers_per_stage(cfg: RunConfig) -> None:
@@ -193,6 +176,7 @@ def _check_logger_and_device(cfg: RunConfig) -> None:
         _fail("logger.mode", f"'{cfg.logger.mode}': use auto, offline or online")
     if cfg.cluster.device not in ("auto", "cpu", "cuda"):
         _fail("cluster.device", f"'{cfg.cluster.device}': use auto, cpu or cuda")
+    device_profile(cfg.cluster.profile)  # raises naming cluster.profile and the known profiles
     if cfg.method.name in VOCAB_METHODS and cfg.layout.pp < 2:
         _fail("layout.pp", "vocabulary parallelism shards over pipeline stages; use layout.pp >= 2")
 

@@ -1,4 +1,6 @@
-"""Weights & Biases on the logging rank: offline unless an API key is configured.
+"""Weights & Biases on the logging rank: offline unless an API key is configured (WANDB_MODE in
+the environment overrides both). A run resumed from a checkpoint continues the W&B run whose id
+the checkpoint recorded; every other run is a new W&B run.
 
 The key is only ever read from the environment or wandb's own login; it is never copied into
 the config, a log line, or a file vptrain writes.
@@ -6,12 +8,15 @@ the config, a log line, or a file vptrain writes.
 
 from __future__ import annotations
 
-import hashlib
 import netrc
 import os
-from typing import Any
+import secrets
+from typing import TYPE_CHECKING, Any
 
 from vptrain.config import RunConfig
+
+if TYPE_CHECKING:
+    from vptrain.resolved import ResolvedPlan
 
 
 def api_key_configured() -> bool:
@@ -24,15 +29,29 @@ def api_key_configured() -> bool:
     return bool(auth and auth[2])
 
 
-def resolve_mode(cfg: RunConfig) -> str:
+# WANDB_MODE values wandb accepts, with its two legacy spellings.
+ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline", "run": "online"}
+
+
+def resolve_mode(cfg: RunConfig, environ: dict[str, str] | None = None) -> str:
+    """WANDB_MODE in the environment wins over logger.mode and over a configured key: it is how
+    a user or a cluster keeps a job off the network (a compute node with no route out)."""
+    environ = os.environ if environ is None else environ
+    env_mode = environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode:
+        if env_mode not in ENV_MODES:
+            raise ValueError(f"WANDB_MODE={environ['WANDB_MODE']}: use online, offline or disabled "
+                             f"(or unset it to follow logger.mode)")
+        return ENV_MODES[env_mode]
     if cfg.logger.mode == "auto":
         return "online" if api_key_configured() else "offline"
     return cfg.logger.mode
 
 
-def run_id(cfg: RunConfig) -> str:
-    """Stable across restarts and requeues of the same run directory."""
-    return hashlib.sha1(os.path.abspath(cfg.run_dir).encode()).hexdigest()[:16]
+def new_run_id() -> str:
+    """A fresh W&B run id. Only a run resumed from a checkpoint reuses one (the id saved in the
+    checkpoint's meta.json): a new run in an old directory must not append to the old W&B run."""
+    return secrets.token_hex(8)
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -49,50 +68,45 @@ def run_group(cfg: RunConfig) -> str:
     return cfg.experiment
 
 
-def stage_layer_counts(cfg: RunConfig) -> list[int]:
-    try:
-        from vptrain.layout import stage_layers
-    except ImportError:  # the layout module is optional here: fall back to an even split
-        if cfg.layout.layers_per_stage:
-            return list(cfg.layout.layers_per_stage)
-        layers, p = cfg.model.num_layers, cfg.layout.pp
-        return [layers // p + (1 if i >= p - layers % p else 0) for i in range(p)]
-    return [int(n) for n in stage_layers(cfg)]
-
-
-def derived_layout(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def derived_layout(cfg: RunConfig, world_size: int, plan: ResolvedPlan | None = None) -> dict[str, Any]:
     """What the YAML does not say but a comparison needs: layers and vocabulary rows per stage and
-    which global rank runs which (stage, data-parallel replica)."""
-    from vptrain.config import VOCAB_METHODS, microbatches, padded_vocab_size
+    which global rank runs which (stage, data-parallel replica), from the resolved plan."""
+    from vptrain.resolved import resolve_layout
 
-    pp, vocab = cfg.layout.pp, padded_vocab_size(cfg)
-    if cfg.method.name in VOCAB_METHODS:
-        rows = [{"input": vocab // pp, "output": vocab // pp} for _ in range(pp)]
-    else:  # embedding on the first stage, output layer on the last
-        rows = [{"input": vocab if s == 0 else 0, "output": vocab if s == pp - 1 else 0} for s in range(pp)]
+    lay = plan.layout if plan is not None else resolve_layout(cfg)
+    rows = [{"input": r.embedding_rows[1] - r.embedding_rows[0], "output": r.output_rows[1] - r.output_rows[0]}
+            for r in lay.ranks]
     return {
         "world_size": world_size,
-        "microbatches": microbatches(cfg),
-        "padded_vocab_size": vocab,
-        "layers_per_stage": stage_layer_counts(cfg),
+        "microbatches": lay.num_microbatches,
+        "padded_vocab_size": lay.vocab.rows,
+        "layers_per_stage": list(lay.stage_layers),
         "vocab_rows_per_stage": rows,
         # vptrain numbers ranks stage-fastest: rank = dp_index * pp + stage.
-        "rank_map": {str(r): {"stage": r % pp, "dp": r // pp} for r in range(world_size)},
+        "rank_map": {str(c.rank): {"stage": c.pp, "dp": c.dp} for c in lay.rank_map if c.rank < world_size},
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
     }
 
 
-def run_config(cfg: RunConfig, resolved: dict[str, Any]) -> dict[str, Any]:
-    """The W&B config: the resolved run config plus the derived layout under `derived`."""
-    return {**resolved, "derived": derived_layout(cfg, cfg.layout.pp * cfg.layout.dp)}
+def run_config(cfg: RunConfig, resolved: dict[str, Any], plan: ResolvedPlan | None = None) -> dict[str, Any]:
+    """The W&B config: the resolved run config, the derived layout under `derived` and the summary
+    of the plan the run executes under `plan` (what `vptrain plan` prints; schedule_sha1 is the
+    digest of its schedule.txt)."""
+    out = {**resolved, "derived": derived_layout(cfg, cfg.layout.pp * cfg.layout.dp, plan)}
+    if plan is not None:
+        out["plan"] = plan.summary()
+    return out
 
 
 class WandbLogger:
-    def __init__(self, cfg: RunConfig, *, config: dict[str, Any]):
+    def __init__(self, cfg: RunConfig, *, config: dict[str, Any], resume_id: str | None = None):
+        """resume_id: the W&B run id of the checkpoint this run resumes from (continue that W&B
+        run); None starts a new W&B run."""
         import wandb
 
         self.mode = resolve_mode(cfg)
+        self.run_id = resume_id or new_run_id()
         os.makedirs(cfg.run_dir, exist_ok=True)
         self.run = wandb.init(
             project=cfg.logger.project,
@@ -103,8 +117,9 @@ class WandbLogger:
             tags=list(cfg.logger.tags) or None,
             config=config,
             dir=cfg.run_dir,
-            id=run_id(cfg),
-            resume="allow",
+            id=self.run_id,
+            # "allow", not "must": the earlier attempt may have been offline and never synced.
+            resume="allow" if resume_id else None,
             mode=self.mode,
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         )

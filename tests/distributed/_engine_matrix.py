@@ -21,6 +21,7 @@ the exit status is 0 once every case has run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import importlib
 import json
@@ -74,10 +75,10 @@ def train_case(
     The ranks in the case form a fresh default group (timeout_s bounds its collectives; None: the
     configuration's train.collective_timeout_s); the others return at once. prepare(trainer) runs
     before the first step (e.g. to put a probe on the engine), report(cfg, trainer, losses,
-    grad_norms) after the last, still in the group. build_schedule, if given, stands in for the
-    validated schedule the vocabulary trainer would build (fault injection in this process only).
+    grad_norms) after the last, still in the group. build_schedule(cfg), if given, stands in for the
+    validated schedule of the resolved plan the trainer executes (fault injection).
     """
-    from vptrain.engine import vocab_trainer
+    from vptrain.resolved import resolve
     from vptrain.train import build_trainer
     from vptrain.validate import validate
 
@@ -91,18 +92,17 @@ def train_case(
     timeout = cfg.train.collective_timeout_s if timeout_s is None else timeout_s
     dist.init_process_group("gloo", store=dist.PrefixStore(f"case{index}", store), rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout))
-    validated_builder = vocab_trainer.build_schedule_for
     try:
+        plan = resolve(cfg)
         if build_schedule is not None:
-            vocab_trainer.build_schedule_for = build_schedule
-        trainer = build_trainer(cfg, torch.device("cpu"), rank)
+            plan = dataclasses.replace(plan, schedule=build_schedule(cfg))
+        trainer = build_trainer(cfg, torch.device("cpu"), rank, plan)
         if prepare is not None:
             prepare(trainer)
         losses, norms = train_steps(cfg, trainer)
         report(cfg, trainer, losses, norms)
         del trainer
     finally:
-        vocab_trainer.build_schedule_for = validated_builder
         dist.destroy_process_group()
         gc.collect()
     return cfg

@@ -5,26 +5,56 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 
 import pytest
 from conftest import run_cli, train_run
 from test_baseline import HANG_GUARD_S, start_long_run, worker_pid
+from wandb_reader import find_run_files, read_run
 
 pytestmark = pytest.mark.distributed
 
 RUN = ("layout.pp=2", "method=vocab-2", "logger=none", "train.global_batch_size=4", "train.steps=4")
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "vhalf"])
-def test_resume_continues_the_identical_loss_trajectory(tmp_path, schedule):
-    full = train_run(tmp_path / "full", *RUN, f"schedule={schedule}")
-    stopped = train_run(tmp_path / "split", *RUN, f"schedule={schedule}", "train.stop_at_step=2")
+@pytest.mark.parametrize(("schedule", "precision"), [("1f1b", "fp32"), ("vhalf", "bf16")])
+def test_resume_continues_the_identical_loss_trajectory(tmp_path, schedule, precision):
+    """fp32: the rank file holds torch AdamW's state; bf16: DeepSpeed's BF16_Optimizer's (fp32
+    master weights, fragment mappings), read back with weights_only=True all the same."""
+    run = (*RUN, f"schedule={schedule}", f"precision={precision}")
+    full = train_run(tmp_path / "full", *run)
+    stopped = train_run(tmp_path / "split", *run, "train.stop_at_step=2")
     assert len(stopped["losses"]) == 2
-    resumed = train_run(tmp_path / "split", *RUN, f"schedule={schedule}", "train.resume=auto")
+    resumed = train_run(tmp_path / "split", *run, "train.resume=auto")
     assert resumed["losses"] == full["losses"], "steps 3-4 after resuming must equal the uninterrupted run"
     latest = (tmp_path / "split" / "checkpoints" / "latest").read_text().strip()
     assert latest == "step_00000004"
+
+
+def test_zero1_resume_after_losing_the_newest_checkpoint_is_bitwise_and_continues_its_wandb_run(tmp_path):
+    """ZeRO-1 over dp=2 (the third optimizer state a rank file holds, after torch AdamW and
+    BF16_Optimizer above). One uninterrupted run saves after steps 2 and 4; a copy of its
+    directory loses step 4, so `latest` names a missing directory and metrics.jsonl holds two
+    steps the resume redoes."""
+    overrides = ("layout.pp=2", "layout.dp=2", "method=vocab-1", "optim.zero_stage=1", "train.global_batch_size=4",
+                 "train.steps=4", "logger=wandb", "logger.mode=offline")
+    full = train_run(tmp_path / "full", *overrides, "train.checkpoint_every=2")
+    split = tmp_path / "split"
+    shutil.copytree(tmp_path / "full", split)
+    shutil.rmtree(split / "checkpoints" / "step_00000004")
+    step2 = split / "checkpoints" / "step_00000002"
+    proc = run_cli("train", f"hydra.run.dir={split}", *overrides, "train.resume=auto", check=True)
+    assert f"resuming from the newest complete checkpoint, {step2}" in proc.stdout, proc.stdout[-3000:]
+    resumed = json.loads((split / "summary.json").read_text())
+    assert resumed["losses"] == full["losses"], "steps 3-4 after resuming must equal the uninterrupted run"
+    rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3], "each step logged once"
+    assert [r["loss"] for r in rows] == full["losses"]
+    # The resumed job continues the W&B run its checkpoint recorded (the copied directory holds
+    # the full run's file and the resumed job's).
+    ids = [read_run(f).run_id for f in find_run_files(str(split))]
+    assert len(ids) == 2 and set(ids) == {json.loads((step2 / "meta.json").read_text())["wandb_run_id"]}, ids
 
 
 def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path):
@@ -48,6 +78,12 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
     assert all(map(lambda x: x == x and abs(x) < float("inf"), meta["losses"])), "only finite steps were saved"
+    kept = run_dir / "checkpoints" / latest
+    assert f"The last checkpoint with finite weights is {kept}" in proc.stderr, proc.stderr[-3000:]
+    from vptrain.checkpoint import first_non_finite, load_rank_file
+
+    for rank in range(2):
+        assert first_non_finite(load_rank_file(str(kept / f"rank_{rank}.pt"), deepspeed_state=True)) is None
 
 
 def test_a_stuck_rank_ends_the_job_after_the_collective_timeout(tmp_path):
@@ -63,7 +99,12 @@ def test_a_stuck_rank_ends_the_job_after_the_collective_timeout(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
-    assert "rank 0" in err, err[-2000:]
+    # Named: the rank that did not arrive, not its healthy peer that timed out waiting for it. The
+    # launcher sees the process stopped; the peer itself (as under srun) sees its heartbeat stale.
+    first_named = re.search(r"vptrain: rank (\d+) \(stage", err)
+    assert first_named and first_named.group(1) == "1", err[-2000:]
+    assert "rank 1 (stage 1, dp 0) stopped responding (its process is stopped (state T)" in err, err[-2000:]
+    assert "vptrain: rank 0: rank 1 stopped responding (no heartbeat for" in err, err[-2000:]
     # What ended it is a collective timeout, whichever group the peer was waiting in (DeepSpeed's
     # groups get train.collective_timeout_s too: test_devices_and_timeouts.py). Gloo words it by
     # where the wait was: "Timed out waiting 10000ms for recv ..." in a p2p receive, "Application

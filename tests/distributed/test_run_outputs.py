@@ -6,8 +6,12 @@ import json
 import subprocess
 
 import pytest
-from conftest import REPO, cli_env, train_run
+from conftest import REPO, cli_env, run_cli, train_run
 from wandb_reader import find_run_files, read_run
+
+from vptrain.config import load
+from vptrain.resolved import resolve
+from vptrain.schedule import parse_schedule
 
 pytestmark = pytest.mark.distributed
 
@@ -18,15 +22,23 @@ def test_wandb_offline_run_has_config_metrics_and_never_the_key(tmp_path):
     run_dir = tmp_path / "run"
     env = cli_env(WANDB_API_KEY=SECRET)
     summary = train_run(run_dir, "layout.pp=2", "train.steps=4", "logger=wandb", "logger.mode=offline",
-                        "method=baseline", env=env)
+                        "method=baseline", "train.record_passes=true", env=env)
     files = find_run_files(str(run_dir))
     assert len(files) == 1, "one W&B run per job"
     run = read_run(files[0])
     assert run.exit_code == 0, "wandb.finish() was called"
     assert run.config["model"]["vocab_size"] == 512 and run.config["layout"]["pp"] == 2
-    assert run.name == "layout.pp=2,train.steps=4,method=baseline" and run.group == "default"
+    assert run.name == "layout.pp=2,train.steps=4,method=baseline,train.record_passes=true" and run.group == "default"
     losses = [h["loss"] for h in run.history if "loss" in h]
     assert losses == pytest.approx(summary["losses"])
+    # W&B holds the resolved plan the run executed, and the trainer ran it: DeepSpeed's own 1F1B
+    # engine runs the baseline, so its compute passes (F<mb>, B<mb>) are what it records.
+    plan = resolve(load(str(run_dir / "config.yaml")))
+    assert run.config["plan"] == plan.summary()
+    assert run.config["plan"]["stage_layers"] == run.config["derived"]["layers_per_stage"] == [2, 2]
+    for stage, row in enumerate(plan.schedule.compute_only()):
+        executed = (run_dir / "passes" / f"stage{stage}_dp0.txt").read_text().splitlines()
+        assert executed == [" ".join(map(str, row))] * 4
     for key in ("tokens_per_s", "mfu", "memory/stage_0/params", "memory/stage_1/peak", "time/stage_1/busy"):
         assert key in run.history[-1], key
     for path in run_dir.rglob("*"):
@@ -34,8 +46,9 @@ def test_wandb_offline_run_has_config_metrics_and_never_the_key(tmp_path):
             assert SECRET.encode() not in path.read_bytes(), f"API key leaked into {path}"
 
 
-def test_metrics_and_summary_files(tmp_path):
-    summary = train_run(tmp_path, "layout.pp=2", "train.steps=3", "logger=none")
+def test_metrics_and_summary_files_and_the_plan_is_what_ran(tmp_path):
+    job = ("layout.pp=2", "train.steps=3", "logger=none", "train.record_passes=true")  # the default: vocab-2
+    summary = train_run(tmp_path, *job)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert summary["losses"] == [r["loss"] for r in rows]
@@ -45,6 +58,13 @@ def test_metrics_and_summary_files(tmp_path):
         assert stage["params"] > 0 and stage["peak_memory_bytes"] > 0
     saved = (tmp_path / "config.yaml").read_text()
     assert "pp: 2" in saved and "run_dir:" in saved
+    # DESIGN.md invariant 8: every rank executed its line of `vptrain plan`'s schedule.txt, every step.
+    run_cli("plan", *job, f"hydra.run.dir={tmp_path / 'plan'}", check=True, timeout=120)
+    planned = parse_schedule((tmp_path / "plan" / "schedule.txt").read_text())
+    assert planned.method == "vocab-2" and planned.p == 2
+    for stage, row in enumerate(planned.ranks):
+        executed = (tmp_path / "passes" / f"stage{stage}_dp0.txt").read_text().splitlines()
+        assert executed == [" ".join(map(str, row))] * 3, f"rank {stage} did not run its line of schedule.txt"
 
 
 def test_make_run_default_job(tmp_path):

@@ -2,7 +2,7 @@
 
 One group of 4 CPU processes runs the whole matrix (see _engine_matrix.py; the group is shared with
 the session's other engine matrices, _matrix_group.py): methods x pp in {2, 3, 4} x dp in {1, 2} x
-vocabulary divisible or not by pp x m in {p, p+1, 2p+1} x tied or not.
+vocabulary divisible or not by pp x m in {p, p+1, 2p+1} x tied or not, and a few llama rows.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.distributed
 VOCAB_METHODS = ["interlaced", "vocab-naive", "vocab-1", "vocab-2"]
 SGD = {"optim.name": "sgd", "optim.lr": SGD_LR, "optim.min_lr": SGD_LR, "optim.warmup_steps": 0,
        "optim.decay": "constant"}
+LLAMA = {"model.arch": "llama", "model.num_kv_heads": 2, "model.intermediate_size": 176}
 
 
 def case(method: str, pp: int, m: int, *, dp: int = 1, vocab: int = 512, layers: int = 4, tie: bool = False,
@@ -57,6 +58,11 @@ CASES = [
     case("vocab-2", 2, 3, **{"optim.name": "adamw", "optim.lr": 0.01, "optim.eps": ADAMW_EPS}),
     case("vocab-1", 2, 3, dp=2, **{"optim.zero_stage": 1}),
     case("vocab-2", 2, 3, **{"precision": "bf16"}),
+    # model.arch=llama (RMSNorm, SwiGLU, rotary, GQA, no biases): one row per engine family.
+    case("vocab-2", 2, 3, vocab=509, **LLAMA),
+    case("interlaced", 2, 2, **LLAMA),
+    case("baseline", 2, 3, **LLAMA),
+    case("vocab-1", 2, 4, tie=True, **LLAMA, **{"schedule.name": "vhalf"}),
 ]
 
 
@@ -111,6 +117,8 @@ def test_method_equals_single_process(matrix, spec):
         torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=RTOL,
                                    atol=0)
     _compare_params(got["params"], ref["params"], o["model.vocab_size"], rtol=rtol, atol=atol)
+    llama = o.get("model.arch") == "llama"
+    assert any(".self_attn.k_proj." in name for name in got["params"]) == llama, "trained the wrong architecture"
     if o.get("precision") == "bf16":
         _compare_vocab_updates(got["params"], ref, o["model.vocab_size"], o["model.num_layers"])
 

@@ -3,7 +3,7 @@ become independent jobs that `vptrain compare` summarises, and W&B gets the righ
 
 from __future__ import annotations
 
-import hashlib
+import json
 
 import pytest
 from _slurm import job_state, log_tail, submit, summary, wait_done
@@ -40,11 +40,12 @@ def test_jobs_on_one_and_two_nodes_train_like_a_local_run(tmp_path, slurm_cluste
     for run_dir in (one, two):
         assert summary(run_dir)["losses"] == pytest.approx(local_losses, rel=1e-6, abs=0), log_tail(run_dir)
 
-    # W&B: one offline run, stable id from the run directory, the override signature as name,
+    # W&B: one offline run, its id recorded in the checkpoint (a requeue continues it), the override signature as name,
     # the resolved config plus the derived layout, per-stage metrics under stable names.
     [wandb_file] = find_run_files(str(one))
     run = read_run(wandb_file)
-    assert run.run_id == hashlib.sha1(str(one).encode()).hexdigest()[:16]
+    latest = (one / "checkpoints" / "latest").read_text()
+    assert run.run_id == json.loads((one / "checkpoints" / latest / "meta.json").read_text())["wandb_run_id"]
     assert run.group == "default" and run.job_type == "train"
     assert run.name == ",".join(["cluster=slurm-dev", *COMMON])
     derived = run.config["derived"]

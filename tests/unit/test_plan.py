@@ -54,7 +54,7 @@ def test_multirun_over_methods_balances_every_vocab_method(tmp_path: Path) -> No
         assert max(busy) <= 1.05 * min(busy), method
         assert plans[method]["schedule"]["mfu"] > plans["baseline"]["schedule"]["mfu"]
     peaks = {m: plans[m]["schedule"]["peak_in_flight"][0] for m in methods}
-    assert peaks == {"baseline": 8, "redis": 8, "vocab-naive": 10, "vocab-1": 10, "vocab-2": 9, "interlaced": 12}
+    assert peaks == {"baseline": 8, "redis": 8, "vocab-naive": 10, "vocab-1": 10, "vocab-2": 9, "interlaced": 15}
     # redis takes layers off the last stage, so it beats the baseline's iteration time.
     iteration = {m: plans[m]["schedule"]["predicted_iteration_seconds"] for m in methods}
     assert iteration["redis"] < iteration["baseline"]

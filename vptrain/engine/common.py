@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from vptrain.config import RunConfig, padded_vocab_size
+from vptrain.config import DEFAULT_ROPE_THETA, RunConfig, default_intermediate_size
 from vptrain.model import GPTShape
 
 Microbatch = tuple[torch.Tensor, torch.Tensor]
@@ -45,11 +45,12 @@ class Trainer(Protocol):
     def take_busy_seconds(self) -> float: ...
 
 
-def gpt_shape(cfg: RunConfig) -> GPTShape:
+def gpt_shape(cfg: RunConfig, *, vocab_rows: int) -> GPTShape:
+    """The model's shape; `vocab_rows` (the padded tables) comes from the resolved plan."""
     m = cfg.model
     return GPTShape(
         vocab_size=m.vocab_size,
-        vocab_rows=padded_vocab_size(cfg),
+        vocab_rows=vocab_rows,
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_heads=m.num_heads,
@@ -57,6 +58,11 @@ def gpt_shape(cfg: RunConfig) -> GPTShape:
         init_std=m.init_std,
         seed=cfg.train.seed,
         tie_embeddings=m.tie_embeddings,
+        arch=m.arch,
+        norm_eps=m.norm_eps,
+        num_kv_heads=m.num_kv_heads or m.num_heads,
+        intermediate_size=m.intermediate_size or default_intermediate_size(m.hidden_size),
+        rope_theta=DEFAULT_ROPE_THETA if m.rope_theta is None else m.rope_theta,
     )
 
 

@@ -1,7 +1,7 @@
 """The plain pipeline (method=baseline / redis) on DeepSpeed's PipelineEngine.
 
 Stage 0 holds the input embedding, the last stage the final norm, output layer and loss; the
-transformer layers are split as `layout.layers_per_stage` (or the layout rules) say. Ranks are
+transformer layers are split as the resolved plan says (vptrain/resolved.py). Ranks are
 laid out pipeline-fastest: rank = dp_index * pp + stage.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import os
 
 import torch
 import torch.distributed as dist
@@ -27,14 +28,8 @@ from vptrain.engine.deepspeed_setup import deepspeed_config, import_deepspeed
 from vptrain.engine.step_clock import install_step_clock
 from vptrain.model import layer_list
 from vptrain.optim import build_optimizer, build_scheduler
+from vptrain.resolved import ResolvedPlan, resolve
 from vptrain.vocab.one_shard import OneShardLoss
-
-
-def stage_layer_counts(cfg: RunConfig) -> list[int]:
-    """Transformer layers per pipeline stage (2p stages on V-Half), as `vptrain plan` shows them."""
-    from vptrain.layout import stage_layers
-
-    return stage_layers(cfg)
 
 
 def layer_boundaries(counts: list[int], *, leading: int, trailing: int) -> list[int]:
@@ -47,13 +42,12 @@ def layer_boundaries(counts: list[int], *, leading: int, trailing: int) -> list[
     return bounds
 
 
-def plain_loss_fn(cfg: RunConfig) -> OneShardLoss:
+def plain_loss_fn(cfg: RunConfig, plan: ResolvedPlan) -> OneShardLoss:
     """The last stage's loss for baseline and redis: the vocabulary kernel on one shard (the same
-    kernel as the vocabulary methods, DESIGN.md invariant 9), with the run's chunking and softmax
-    options. Its input is the last layer's (hidden state, output weight) pair (model.OutputLayer)."""
-    from vptrain.plan import chunk_tokens_of
-
-    return OneShardLoss(cfg.model.vocab_size, chunk_tokens=chunk_tokens_of(cfg), store_softmax=cfg.vocab.store_softmax)
+    kernel as the vocabulary methods, DESIGN.md invariant 9), with the plan's chunking and the run's
+    softmax option. Its input is the last layer's (hidden state, output weight) pair (model.OutputLayer)."""
+    return OneShardLoss(cfg.model.vocab_size, chunk_tokens=plan.layout.chunk_tokens,
+                        store_softmax=cfg.vocab.store_softmax)
 
 
 def make_topology(cfg: RunConfig):
@@ -82,25 +76,34 @@ def build_engine_classes(ds):
             self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
 
     class TimedPipelineEngine(PipelineEngine):
-        """DeepSpeed's 1F1B engine, timing its compute passes (per-stage busy time)."""
+        """DeepSpeed's 1F1B engine, timing its compute passes (per-stage busy time) and recording
+        their order as the plan names them: DeepSpeed runs forwards and backwards in microbatch
+        order, so the k-th ForwardPass of a step is F<k> (its transfers are DeepSpeed's own)."""
 
         def __init__(self, *args, busy_timer: BusyTimer, **kwargs):
             self.busy_timer = busy_timer
+            self.executed: list[str] = []
+            self._passes_run = {"F": 0, "B": 0}
             super().__init__(*args, **kwargs)
 
-        def _exec_forward_pass(self, buffer_id):
+        def train_batch(self, *args, **kwargs):
+            self.executed, self._passes_run = [], {"F": 0, "B": 0}
+            return super().train_batch(*args, **kwargs)
+
+        def _timed_pass(self, kind: str, run, buffer_id) -> None:
+            self.executed.append(f"{kind}{self._passes_run[kind]}")
+            self._passes_run[kind] += 1
             token = self.busy_timer.start()
             try:
-                super()._exec_forward_pass(buffer_id)
+                run(buffer_id)
             finally:
                 self.busy_timer.stop(token)
 
+        def _exec_forward_pass(self, buffer_id):
+            self._timed_pass("F", super()._exec_forward_pass, buffer_id)
+
         def _exec_backward_pass(self, buffer_id):
-            token = self.busy_timer.start()
-            try:
-                super()._exec_backward_pass(buffer_id)
-            finally:
-                self.busy_timer.stop(token)
+            self._timed_pass("B", super()._exec_backward_pass, buffer_id)
 
         def clip_fp32_gradients(self):
             # DeepSpeed's clip with the norm in fp64 (see engine/grad_norm.py); kept for logging.
@@ -143,22 +146,23 @@ def construct_engine(engine_cls, cfg: RunConfig, module, optimizer, scheduler, *
 
 
 class PipelineTrainer:
-    def __init__(self, cfg: RunConfig, *, device: torch.device):
+    def __init__(self, cfg: RunConfig, *, device: torch.device, plan: ResolvedPlan | None = None):
         ds = import_deepspeed(device.type)
         # Wraps the process group vptrain already created (no new rendezvous).
         ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
         from deepspeed.pipe import LayerSpec
 
         self.cfg, self.device = cfg, device
+        self.resolved = plan = plan or resolve(cfg)  # the layers per stage and the rows `vptrain plan` prints
         module_cls, engine_cls = build_engine_classes(ds)
-        shape = gpt_shape(cfg)
+        shape = gpt_shape(cfg, vocab_rows=plan.layout.vocab.rows)
         specs = [LayerSpec(cls, *args) for cls, args in layer_list(shape, with_vocab=True)]
-        self.counts = stage_layer_counts(cfg)
+        self.counts = list(plan.layout.stage_layers)
         parts = layer_boundaries(self.counts, leading=1, trailing=2)
         torch.manual_seed(cfg.train.seed)  # layers init from their own seeds; this only fixes the rest
         with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its topology on rank 0
             self.module = module_cls(specs, parts=parts, topology=make_topology(cfg),
-                                     loss_fn=plain_loss_fn(cfg))
+                                     loss_fn=plain_loss_fn(cfg, plan))
         for p in self.module.parameters():
             # DeepSpeed's fp32 clip norm keeps only pipe-rank-0 params unless they are tagged
             # model-parallel; our layer params are never replicated across stages.
@@ -174,8 +178,18 @@ class PipelineTrainer:
 
     def train_step(self, micro: list[Microbatch]) -> StepResult:
         loss = self.engine.train_batch(data_iter=iter(micro))
+        if self.cfg.train.record_passes:
+            self._record_passes()
         norm = self.engine.get_global_grad_norm()
         return StepResult(loss=float(loss), grad_norm=None if norm is None else float(norm))
+
+    def _record_passes(self) -> None:
+        """Append this step's executed pass order to run_dir/passes/stage<s>_dp<d>.txt, one line per
+        step, in the plan's action names (the test holds it to `vptrain plan`'s schedule.txt)."""
+        out = os.path.join(self.cfg.run_dir, "passes")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"stage{self.stage}_dp{self.dp_rank}.txt"), "a") as f:
+            f.write(" ".join(self.engine.executed) + "\n")
 
     def current_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

@@ -22,15 +22,17 @@ from vptrain.engine.common import (
     tensor_bytes,
 )
 from vptrain.engine.grad_norm import clip_grad_norm_fp64
-from vptrain.model import GPT, lm_loss
+from vptrain.model import build_model, lm_loss
 from vptrain.optim import build_optimizer, build_scheduler
+from vptrain.resolved import ResolvedPlan, resolve_layout
 
 
 class SingleProcessTrainer:
-    def __init__(self, cfg: RunConfig, *, device: torch.device, dp_rank: int = 0):
+    def __init__(self, cfg: RunConfig, *, device: torch.device, dp_rank: int = 0, plan: ResolvedPlan | None = None):
         self.cfg, self.device = cfg, device
         self.stage, self.num_stages, self.dp_rank = 0, 1, dp_rank
-        self.model = GPT(gpt_shape(cfg)).to(device)
+        layout = plan.layout if plan is not None else resolve_layout(cfg)  # the whole model: no schedule needed
+        self.model = build_model(gpt_shape(cfg, vocab_rows=layout.vocab.rows)).to(device)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.timer = BusyTimer(device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -18,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from vptrain import vocab
-from vptrain.config import VOCAB_METHODS, RunConfig, microbatches, padded_vocab_size
+from vptrain.config import VOCAB_METHODS, RunConfig
 from vptrain.engine.common import BusyTimer, Microbatch, StepResult, gpt_shape
 from vptrain.engine.deepspeed_setup import import_deepspeed
 from vptrain.engine.pipeline import (
@@ -27,14 +26,12 @@ from vptrain.engine.pipeline import (
     layer_boundaries,
     make_topology,
     plain_loss_fn,
-    stage_layer_counts,
 )
 from vptrain.engine.strict_order import OrderChecker, StrictComm
 from vptrain.model import layer_list, output_weight_rows, token_embedding_rows
 from vptrain.optim import build_optimizer, build_scheduler
-from vptrain.plan import chunk_tokens_of
+from vptrain.resolved import ResolvedPlan, resolve
 from vptrain.schedule.memory import release_points
-from vptrain.schedule.rules import ScheduleRules
 
 ALGO_OF_METHOD = {"interlaced": "interlaced", "vocab-naive": "naive", "vocab-1": "alg1", "vocab-2": "alg2"}
 
@@ -74,17 +71,11 @@ def vocab_groups(cfg: RunConfig, timeout: timedelta) -> list:
     return [dist.new_group([d * pp + s for s in range(pp)], timeout=timeout) for d in range(dp)]
 
 
-def build_schedule_for(cfg: RunConfig):
-    from vptrain.plan import planned_schedule  # the same costed schedule `vptrain plan` prints
-    from vptrain.schedule import validate_schedule
-
-    sched = planned_schedule(cfg)
-    validate_schedule(sched)
-    return sched
-
-
 class VocabTrainer(PipelineTrainer):
-    def __init__(self, cfg: RunConfig, *, device: torch.device):
+    """Executes its rank's part of the resolved plan (vptrain/resolved.py): the stage layers, the
+    vocabulary rows and the action list of `plan`, which `vptrain plan` prints for the same config."""
+
+    def __init__(self, cfg: RunConfig, *, device: torch.device, plan: ResolvedPlan | None = None):
         ds = import_deepspeed(device.type)
         ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
         from deepspeed.pipe import LayerSpec
@@ -94,21 +85,24 @@ class VocabTrainer(PipelineTrainer):
         vhalf = cfg.schedule.name == "vhalf"
         with_vocab = cfg.method.name in VOCAB_METHODS
         rank = dist.get_rank()
-        stage, dp_rank = rank % pp, rank // pp
-        shape = gpt_shape(cfg)
+        self.resolved = plan = plan or resolve(cfg)
+        coord = plan.layout.rank_map[rank]
+        stage, dp_rank = coord.pp, coord.dp
+        held = plan.rank(stage)
+        shape = gpt_shape(cfg, vocab_rows=plan.layout.vocab.rows)
         groups = vocab_groups(cfg, timedelta(seconds=cfg.train.collective_timeout_s)) if with_vocab else None
-        self.schedule = build_schedule_for(cfg)
+        self.schedule = plan.schedule
 
-        self.counts = stage_layer_counts(cfg)  # 2p entries on V-Half
+        self.counts = list(plan.layout.stage_layers)  # 2p entries on V-Half
         parts = layer_boundaries(self.counts, leading=1, trailing=1 if with_vocab else 2)
         specs = [LayerSpec(cls, *args) for cls, args in layer_list(shape, with_vocab=not with_vocab)]
         module_cls, engine_cls = self._classes(ds, vhalf)
         with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its topology on rank 0
             self.module = module_cls(specs, parts=parts, topology=make_topology(cfg),
-                                     loss_fn=None if with_vocab else plain_loss_fn(cfg))
+                                     loss_fn=None if with_vocab else plain_loss_fn(cfg, plan))
         shard = None
         if with_vocab:
-            start, end = vocab.shard_range(padded_vocab_size(cfg), pp, stage)
+            start, end = held.output_rows  # this rank's rows of both tables
             shard = vocab.VocabShard(start, end, cfg.model.vocab_size)
             # Beside the layer list: in the optimizer, the data-parallel reduction and the norms,
             # but not in DeepSpeed's stage partitioning.
@@ -125,23 +119,23 @@ class VocabTrainer(PipelineTrainer):
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.timer = BusyTimer(device)
         comm = vocab.ProcessGroupComm(groups[dp_rank]) if with_vocab else None
-        order_check = self._order_checker(cfg, stage, dp_rank) if cfg.train.strict_comm_order else None
+        order_check = self._order_checker(plan, stage, dp_rank) if cfg.train.strict_comm_order else None
         if order_check is not None and comm is not None:
             comm = StrictComm(comm, order_check)
         self.plan = VocabStagePlan(
-            actions=self.schedule.ranks[stage],
+            actions=plan.actions(stage),
             shard=shard,
             comm=comm,
             algo=ALGO_OF_METHOD.get(cfg.method.name),
-            loss_stage=0 if vhalf else pp - 1,
-            embed_stage=0,
+            loss_stage=plan.layout.stages.loss_place[0],
+            embed_stage=plan.layout.stages.embed_place[0],
             act_shape=(cfg.train.micro_batch_size, cfg.model.seq_len, cfg.model.hidden_size),
             act_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
-            chunk_tokens=chunk_tokens_of(cfg),  # the plan's choice when vocab.chunk_tokens is unset
+            chunk_tokens=plan.layout.chunk_tokens,  # the plan's choice when vocab.chunk_tokens is unset
             store_softmax=cfg.vocab.store_softmax,
-            num_microbatches=microbatches(cfg),
-            loss_chunk=1 if vhalf else 0,
-            releases=release_points(self.schedule)[stage],
+            num_microbatches=plan.layout.num_microbatches,
+            loss_chunk=plan.layout.stages.loss_place[1],
+            releases=release_points(plan.schedule)[stage],
             order_check=order_check,
         )
         self.engine = construct_engine(engine_cls, cfg, self.module, self.optimizer, self.scheduler,
@@ -150,12 +144,11 @@ class VocabTrainer(PipelineTrainer):
         assert self.engine.stage_id == stage and self.engine.grid.data_parallel_id == dp_rank
 
     @staticmethod
-    def _order_checker(cfg: RunConfig, stage: int, dp_rank: int) -> OrderChecker:
-        pp = cfg.layout.pp
+    def _order_checker(plan: ResolvedPlan, stage: int, dp_rank: int) -> OrderChecker:
+        pipeline = tuple(c.rank for c in plan.layout.rank_map if c.dp == dp_rank)
         return OrderChecker.for_default_group(
-            rank=dp_rank * pp + stage, stage=stage, pipeline=tuple(dp_rank * pp + s for s in range(pp)),
-            rules=ScheduleRules.of(method=cfg.method.name, name=cfg.schedule.name, p=pp),
-            timeout_s=cfg.train.collective_timeout_s,
+            rank=pipeline[stage], stage=stage, pipeline=pipeline, rules=plan.rules,
+            timeout_s=plan.cfg.train.collective_timeout_s,
         )
 
     @staticmethod
@@ -175,12 +168,6 @@ class VocabTrainer(PipelineTrainer):
             self._record_passes()
         norm = self.engine.get_global_grad_norm()
         return StepResult(loss=float(loss), grad_norm=None if norm is None else float(norm))
-
-    def _record_passes(self) -> None:
-        out = os.path.join(self.cfg.run_dir, "passes")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"stage{self.stage}_dp{self.dp_rank}.txt"), "a") as f:
-            f.write(" ".join(self.engine.executed) + "\n")
 
     def named_parameters_global(self) -> dict[str, torch.Tensor]:
         """Transformer params under the single-process names; shards as `<table>[start:end]`."""

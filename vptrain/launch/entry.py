@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
+from vptrain import run_lock
 from vptrain.config import RunConfig, to_yaml
 from vptrain.launch.env import external_launch
-from vptrain.launch.local import run_local
+from vptrain.launch.local import run_local, stopped_on_request
 from vptrain.launch.worker import CONFIG_KEY, make_store, run_worker
 from vptrain.validate import validate_for_this_machine
 
@@ -25,7 +26,14 @@ def write_run_dir(cfg: RunConfig) -> str:
 
 def train(cfg: RunConfig, flags: list[str] | None = None) -> int:
     validate_for_this_machine(cfg)
-    write_run_dir(cfg)
+    # One job per run directory, locked before anything of this job is written into it (the CLI
+    # locked it already, before Hydra wrote .hydra/; this shares that lock). Refused: exit 2.
+    with run_lock.acquire(cfg.run_dir) as lock:
+        write_run_dir(cfg)
+        return _launch(cfg, lock)
+
+
+def _launch(cfg: RunConfig, lock: run_lock.RunLock) -> int:
     launch = external_launch()
     if launch is not None:
         # torchrun/srun started the ranks; this is rank 0 (cli.main routes the others elsewhere).
@@ -46,10 +54,12 @@ def train(cfg: RunConfig, flags: list[str] | None = None) -> int:
         master_port=cfg.launcher.master_port,
         threads=cfg.launcher.threads_per_rank,
         extra_env=env,
+        collective_timeout_s=cfg.train.collective_timeout_s,
+        inherit_fds=(lock.fd,) if lock.fd is not None else (),  # locked until the last rank is gone
     )
     if code == 0:
         print(f"vptrain: done; run directory {cfg.run_dir}", flush=True)
-    else:
+    elif not stopped_on_request(code):  # the launcher said why it stopped
         print(f"vptrain: training failed (exit {code}); logs in {os.path.join(cfg.run_dir, 'logs')}",
               file=sys.stderr, flush=True)
     return code

@@ -17,6 +17,7 @@ import sys
 from vptrain.config import RunConfig
 from vptrain.launch.entry import write_run_dir
 from vptrain.launch.sbatch import job_shape, render
+from vptrain.run_lock import ensure_free
 
 JOB_FILE = "job.sbatch"
 JOB_ID_FILE = "slurm_job_id"
@@ -84,6 +85,7 @@ def submit(cfg: RunConfig, flags: list[str] | None = None) -> int:
     if running:
         raise ValueError(f"hydra.run.dir: job {running} of {cfg.run_dir} is still queued or running; "
                          f"wait for it, `scancel {running}`, or choose another run directory")
+    ensure_free(cfg.run_dir)  # a job running there now (e.g. a local `vptrain train`) keeps its config.yaml
     try:
         find_sbatch()
         write_run_dir(cfg)

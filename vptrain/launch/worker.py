@@ -10,8 +10,10 @@ import sys
 import traceback
 from datetime import timedelta
 
+from vptrain import run_lock
 from vptrain.config import RunConfig, from_yaml, load
 from vptrain.launch.env import LaunchEnv, external_launch
+from vptrain.launch.liveness import Heartbeat, hold_lifeline, unresponsive
 
 CONFIG_KEY = "vptrain/config"
 
@@ -33,6 +35,8 @@ def make_store(launch: LaunchEnv, timeout_s: float):
 def run_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> int:
     from vptrain.train import TrainingError, train_worker
 
+    multi = launch.world_size > 1
+    heartbeat = Heartbeat.start(cfg.run_dir, launch.rank, cfg.train.collective_timeout_s) if multi else None
     try:
         train_worker(cfg, launch, store)
         _leave(store, launch)
@@ -43,7 +47,21 @@ def run_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> int:
     except Exception as err:  # noqa: BLE001 - report any failure with the rank, then exit non-zero
         traceback.print_exc()
         print(f"vptrain: rank {launch.rank} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        if multi:
+            _name_unresponsive_peers(cfg, launch)
         return 1
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def _name_unresponsive_peers(cfg: RunConfig, launch: LaunchEnv) -> None:
+    """After a failure (typically a collective timeout): the peers whose heartbeat went stale are
+    the likely cause, this rank only waited for them. Under srun/torchrun nobody else names them."""
+    peers = {r: None for r in range(launch.world_size) if r != launch.rank}
+    for rank, why in unresponsive(cfg.run_dir, peers, cfg.train.collective_timeout_s):
+        print(f"vptrain: rank {launch.rank}: rank {rank} stopped responding ({why}): the likely cause",
+              file=sys.stderr, flush=True)
 
 
 def _leave(store, launch: LaunchEnv, timeout_s: float = 30.0) -> None:
@@ -73,10 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m vptrain.launch.worker RUN_DIR", file=sys.stderr)
         return 2
-    cfg = load(os.path.join(argv[0], "config.yaml"))
+    run_dir = argv[0]
     launch = external_launch() or LaunchEnv(0, 1, 0, "127.0.0.1", 0)
-    store = make_store(launch, cfg.train.collective_timeout_s) if launch.world_size > 1 else None
-    return run_worker(cfg, launch, store)
+    under_local_launcher = hold_lifeline(run_dir, launch.rank)  # first: die with the launcher
+    cfg = load(os.path.join(run_dir, "config.yaml"))
+    lock = None
+    if not under_local_launcher and launch.rank == 0:
+        # srun/torchrun started the ranks (the batch script of `vptrain submit`): the job's rank 0
+        # holds the run directory; the local launcher holds it itself for its workers.
+        try:
+            lock = run_lock.acquire(run_dir)
+        except run_lock.RunDirInUse as err:
+            print(f"vptrain: rank 0: {err}", file=sys.stderr, flush=True)
+            return 2
+    try:
+        store = make_store(launch, cfg.train.collective_timeout_s) if launch.world_size > 1 else None
+        return run_worker(cfg, launch, store)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@ FLOPs (training = forward + backward, vp_algorithms §1.2, paper Table 4; N = b*
   loss (softmax + CE)  8*N*V elementwise FLOPs, half forward, half backward (negligible, counted)
   input layer        3*N*h             forward 1/3, backward 2/3; sharded: every rank writes a full
                                        N x h partial, so IF = N*h and IB = 2*N*h on every rank
-Seconds = FLOPs / (peak * efficiency) + a fixed launch overhead per pass. Communication: a transfer
-or collective of B bytes costs latency + B / bandwidth (all-reduce: 2(p-1)/p of the bytes).
+Seconds = FLOPs / (peak * efficiency) + a fixed launch overhead per pass; the overlapped methods'
+F and B run longer by overlap_s_per_byte per byte their side-stream collectives move.
+Communication: a transfer or collective of B bytes costs latency + B / bandwidth (all-reduce: 2(p-1)/p
+of the bytes), over the intra-node tier, or the inter-node one where the pipeline group crosses nodes
+(network.py).
 
 Bytes per rank:
   parameters   12h^2 + 13h per layer; vocabulary rows * h per table; positions s*h on stage 0
+               (llama: 2h^2 + 2h*kv + 3h*I + 2h per layer, no positions; FLOPs from the same weights)
   gradients    4 bytes per parameter (fp32 accumulation, as DeepSpeed's bf16 optimizer keeps them)
   optimizer    AdamW: 2 fp32 moments (8 B) plus an fp32 master copy under bf16 (4 B); SGD: master only;
                divided by dp under ZeRO-1
@@ -25,42 +29,21 @@ Bytes per rank:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vptrain.schedule.efficiency import gemm_efficiency, pass_seconds
 from vptrain.schedule.ir import PassKind
 from vptrain.schedule.memory import VocabBufferSizes
+from vptrain.schedule.network import PATTERN_SHARE, pipeline_groups
 from vptrain.schedule.planner import NominalCosts
+from vptrain.schedule.profiles import DeviceProfile, device_profile  # noqa: F401 (re-exported: callers import them from here)
+from vptrain.schedule.rules import method_rules
 from vptrain.schedule.simulate import PassCosts
 
 K = PassKind
 LOSS_FLOPS_PER_LOGIT = 8.0
 ALGORITHM_2 = ("vocab-2",)
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """Peak dense FLOP/s per precision and the fraction a well-tuned transformer reaches."""
-
-    name: str
-    peak_flops: dict[str, float]
-    efficiency: float
-    link_bytes_per_s: float
-    link_latency_s: float
-    pass_overhead_s: float
-
-
-def device_profile(name: str) -> DeviceProfile:
-    """a100: 312 TFLOP/s bf16 (the paper artifact's MFU basis), 19.5 fp32; h100 SXM: 989 bf16,
-    67 fp32; cpu: 0.1 TFLOP/s, the order of a many-core server (a laptop core reaches ~0.05).
-    Link: effective NVLink/IB bandwidth for p2p and vocabulary collectives."""
-    profiles = {
-        "a100": DeviceProfile("a100", {"bf16": 312e12, "fp32": 19.5e12}, 0.55, 100e9, 10e-6, 10e-6),
-        "h100": DeviceProfile("h100", {"bf16": 989e12, "fp32": 67e12}, 0.55, 200e9, 8e-6, 8e-6),
-        "cpu": DeviceProfile("cpu", {"bf16": 1e11, "fp32": 1e11}, 0.5, 5e9, 50e-6, 0.0),
-    }
-    if name not in profiles:
-        raise ValueError(f"cluster.profile: unknown '{name}'; choose one of {', '.join(profiles)}")
-    return profiles[name]
 
 
 @dataclass(frozen=True)
@@ -78,14 +61,31 @@ class ModelShape:
     act_bytes: int
     """Bytes per activation element (2 under bf16, 4 under fp32)."""
     tied: bool = False
+    arch: str = "gpt"
+    """gpt: 12h^2 weights per layer (4h GELU MLP), learned positions. llama: GQA attention
+    (2h^2 + 2h*kv_dim), a SwiGLU MLP of 3h*intermediate, no biases, no position table."""
+    kv_dim: int = 0
+    """llama: key/value width, kv heads * head size (0: hidden)."""
+    intermediate: int = 0
+    """llama: SwiGLU width."""
 
     @property
     def tokens(self) -> int:
         return self.seq * self.micro_batch
 
+    @property
+    def layer_weights(self) -> int:
+        """Weights of one transformer layer's matrix multiplications."""
+        h = self.hidden
+        if self.arch == "llama":
+            return 2 * h * h + 2 * h * (self.kv_dim or h) + 3 * h * self.intermediate
+        return 12 * h * h
+
 
 def layer_flops(m: ModelShape) -> float:
     """One transformer layer, forward + backward, one microbatch."""
+    if m.arch == "llama":  # 6 FLOPs per weight and token, attention scores as the GPT's
+        return m.tokens * (6.0 * m.layer_weights + 12.0 * m.hidden * m.seq)
     return m.tokens * m.hidden * (72.0 * m.hidden + 12.0 * m.seq)
 
 
@@ -158,11 +158,27 @@ def collective_bytes(m: ModelShape, kind: PassKind) -> tuple[float, str]:
     return table[kind]
 
 
-def collective_seconds(m: ModelShape, kind: PassKind, p: int, dev: DeviceProfile) -> float:
+def overlapped_collective_bytes(m: ModelShape, method: str, p: int) -> float:
+    """Bytes each rank moves per microbatch in the vocabulary collectives it overlaps with F and B
+    (a ring's share of each payload, as network.py charges them); 0 for interlaced, whose collectives
+    block between passes, and for the methods without vocabulary collectives."""
+    rules = method_rules(method)
+    if not rules.vocab or rules.blocking or p < 2:
+        return 0.0
+    total = 0.0
+    for kind in rules.collectives:
+        size, pattern = collective_bytes(m, kind)
+        total += size * PATTERN_SHARE[pattern] * ((p - 1) / p if pattern != "broadcast" else 1.0)
+    return total
+
+
+def collective_seconds(
+    m: ModelShape, kind: PassKind, p: int, dev: DeviceProfile, groups: Sequence[Sequence[int]] | None = None
+) -> float:
+    """One vocabulary collective over the pipeline group(s) (global ranks in stage order; default
+    the first p ranks): the inter-node tier bounds it once a group spans nodes (network.py)."""
     size, pattern = collective_bytes(m, kind)
-    share = {"allreduce": 2.0 * (p - 1) / p, "reduce": (p - 1) / p, "broadcast": 1.0}[pattern]
-    hops = max(1, (p - 1).bit_length())
-    return hops * dev.link_latency_s + share * size / dev.link_bytes_per_s
+    return dev.network.collective_seconds(groups or pipeline_groups(p), size, pattern)
 
 
 def pass_costs(
@@ -175,23 +191,43 @@ def pass_costs(
     precision: str,
     device: DeviceProfile,
     store_softmax: bool = True,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> PassCosts:
     """Seconds per action for the simulator, with per-chunk activation bytes and the vocabulary
     buffers' sizes as memory weights."""
-    rate = device.peak_flops[precision] * device.efficiency
     flops = pass_flops(m, method=method, p=p, chunk_layers=chunk_layers, loss_place=loss_place)
-    compute = tuple({key: f / rate + device.pass_overhead_s for key, f in table.items()} for table in flops)
-    p2p = device.link_latency_s + m.tokens * m.hidden * m.act_bytes / device.link_bytes_per_s
-    collective = {k: collective_seconds(m, k, p, device) for k in PassKind if k.is_collective}
+    # GPU profiles: efficiency from each pass's GEMM shape (efficiency.py); cpu: the flat constant.
+    sharded = method not in ("baseline", "redis")
+    rows = [m.vocab_rows // p if sharded else (m.vocab_rows if r == loss_place[0] else 0) for r in range(p)]
+    seconds = pass_seconds(flops, tokens=m.tokens, hidden=m.hidden, layer_flops=layer_flops(m),
+                           chunk_layers=chunk_layers, output_rows=rows, peak=device.peak_flops[precision],
+                           flat_efficiency=device.efficiency, curves=gemm_efficiency(device.name, precision))
+    # The overlapped methods' F and B share the device with their side-stream collectives: each rank's
+    # F and B of one microbatch stretch, in proportion to their length, by the collectives' traffic.
+    extra = device.overlap_s_per_byte * overlapped_collective_bytes(m, method, p)
+    compute = []
+    for table in seconds:
+        busy = sum(t for (kind, _), t in table.items() if kind in (K.F, K.B))
+        slow = 1.0 + (extra / busy if busy > 0 else 0.0)
+        compute.append({(kind, c): t * (slow if kind in (K.F, K.B) else 1.0) + device.pass_overhead_s
+                        for (kind, c), t in table.items()})
+    # `groups`: global ranks of each pipeline group in stage order (rank map), for the network tiers.
+    groups = groups or pipeline_groups(p)
+    p2p = device.network.p2p_seconds(groups, m.tokens * m.hidden * m.act_bytes)
+    collective = {k: collective_seconds(m, k, p, device, groups) for k in PassKind if k.is_collective}
     activation = tuple(tuple(activation_bytes(m, n) for n in layers) for layers in chunk_layers)
     vocab = None if method in ("baseline", "redis") else vocab_buffer_sizes(
         m, method=method, p=p, store_softmax=store_softmax)
-    return PassCosts(compute=compute, p2p=p2p, collective=collective, activation=activation, vocab_buffers=vocab)
+    return PassCosts(compute=tuple(compute), p2p=p2p, collective=collective, activation=activation, vocab_buffers=vocab)
 
 
 NOMINAL_QUANTUM = 1 / 64
 """Relative pass costs are rounded to multiples of this share of a forward, so that float noise
 between machines (or a last-digit change in a profile) cannot move a vocabulary pass in the schedule."""
+
+
+COMMUNICATION_QUANTUM = 1 / 1024
+"""The same for transfers and collectives in the nominal timeline (nominal_costs)."""
 
 
 HOLD_WINDOW = 0.25
@@ -217,12 +253,22 @@ def nominal_costs(costs: PassCosts) -> NominalCosts:
         # lowering would put the collective it feeds before it.
         return max(1, round(mean(kind) / forward / NOMINAL_QUANTUM)) * NOMINAL_QUANTUM
 
+    def communication(seconds: float) -> float:
+        # Finer: a transfer is often a few thousandths of a forward, four of them per microbatch.
+        # May round to 0: a free transfer or collective is placed like the others, only earlier.
+        return round(seconds / forward / COMMUNICATION_QUANTUM) * COMMUNICATION_QUANTUM
+
+    collective = tuple((kind, communication(seconds)) for kind, seconds in costs.collective.items())
     return NominalCosts(f=1.0, b=relative(K.B), s=relative(K.S), t=relative(K.T),
-                        input_f=relative(K.IF), input_b=relative(K.IB), hold_window=HOLD_WINDOW)
+                        input_f=relative(K.IF), input_b=relative(K.IB), hold_window=HOLD_WINDOW,
+                        p2p=communication(costs.p2p), collective=tuple(x for x in collective if x[1] > 0))
 
 
 def activation_bytes(m: ModelShape, layers: int) -> float:
     """Activations one in-flight microbatch keeps on a chunk of `layers` transformer layers."""
+    if m.arch == "llama":  # the GPT's 8h attention share with narrower k/v; gate, up, SiLU and product: 4I
+        per_layer = 8.0 * m.hidden - 2.0 * (m.hidden - (m.kv_dim or m.hidden)) + 4.0 * m.intermediate
+        return (per_layer * layers + m.hidden) * m.tokens * m.act_bytes
     return (16.0 * layers + 1.0) * m.tokens * m.hidden * m.act_bytes
 
 
@@ -232,6 +278,8 @@ def parameter_count(
     """Parameters on one rank. A tied table (vocab methods only) is counted once."""
     h = m.hidden
     tables = embedding_rows + (0 if m.tied and embedding_rows == output_rows else output_rows)
+    if m.arch == "llama":  # two RMSNorm weights per layer, no biases, no position table
+        return layers * (m.layer_weights + 2 * h) + tables * h + (h if final_norm else 0)
     return layers * (12 * h * h + 13 * h) + tables * h + (m.seq * h if positions else 0) + (2 * h if final_norm else 0)
 
 

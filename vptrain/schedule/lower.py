@@ -59,7 +59,11 @@ def lower(plan: NominalPlan, rules: ScheduleRules, *, m: int, method: str) -> Sc
     transfers: list[list[Event]] = [[] for _ in range(p)]
     for t, sender, send, receiver, recv in plan.transfers:
         # The same key on both sides; the planner only transfers when both are between passes.
-        tie = (sender, receiver, send.kind.value, send.microbatch, send.chunk)
+        # Interlaced: every rank reaches the same boundary at once, so a rank-ordered key would
+        # chain the pipeline's transfers one after another; pairs (2k, 2k+1) first, then
+        # (2k+1, 2k+2), run each round in parallel.
+        pairing = min(sender, receiver) % 2 if rules.method.blocking else 0
+        tie = (pairing, sender, receiver, send.kind.value, send.microbatch, send.chunk)
         transfers[sender].append((t, 0, tie, send))
         transfers[receiver].append((t, 0, tie, recv))
     collectives = _collective_events(plan, transfers)

@@ -32,6 +32,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from vptrain.schedule.ir import Action, PassKind, Schedule, ScheduleError
 from vptrain.schedule.rules import ScheduleRules
 
@@ -81,20 +83,25 @@ def release_points(s: Schedule, rules: ScheduleRules | None = None) -> tuple[dic
     index = {a: k for k, a in enumerate(order)}
     loss_rank, embed_rank = rules.stages.loss_place[0], rules.stages.embed_place[0]
     source = {K.X_BCAST: loss_rank, K.G_BCAST: loss_rank, K.DEMB_BCAST: embed_rank}
-    known = [[0] * p for _ in range(p)]
-    at_issue: list[list[list[int]]] = [[] for _ in order]  # [k]: each issuer's knowledge when it issued
-    broadcast_at: list[list[int] | None] = [None] * len(order)  # [k]: the source's, for a broadcast
-    complete_at: list[list[int] | None] = [None] * len(order)  # [k]: joined over all ranks, once all issued
-    at_send: dict[tuple[int, Action], list[int]] = {}
+    # Knowledge vectors are small integer arrays joined in place (numpy: the joins are most of
+    # the work at p = 32); every vector stored for later joins is a copy.
+    known = [np.zeros(p, dtype=np.int64) for _ in range(p)]
+    issued = [0] * len(order)  # [k]: how many ranks issued collective k
+    joined: list[np.ndarray | None] = [None] * len(order)  # [k]: the issuers' knowledge so far, joined
+    broadcast_at: list[np.ndarray | None] = [None] * len(order)  # [k]: the source's, for a broadcast
+    complete_at: list[np.ndarray | None] = [None] * len(order)  # [k]: joined over all ranks, once all issued
+    at_send: dict[tuple[int, Action], np.ndarray] = {}
     pending: list[deque[tuple[int, Action]]] = [deque() for _ in range(p)]
     forget = [fire_and_forget(rules, r) for r in range(p)]
     out: list[dict[int, list[Action]]] = [{} for _ in range(p)]
     pos = [0] * p
     waiters: dict[object, list[int]] = {}
     work = deque(range(p))
+    maximum = np.maximum
 
     recv = (K.RECV_F, K.RECV_B)
     send = (K.SEND_F, K.SEND_B)
+    needs_of = rules.needs
     while work:
         r = work.popleft()
         row, mine = s.ranks[r], known[r]
@@ -102,7 +109,10 @@ def release_points(s: Schedule, rules: ScheduleRules | None = None) -> tuple[dic
             n = pos[r]
             a = row[n]
             kind = a.kind
-            needs = rules.needs(r, a)
+            needs = needs_of(r, a)
+            if not needs.waits and kind.is_compute:  # a pass that waits for nothing: nothing learnt
+                pos[r] += 1
+                continue
             vectors = []
             missing: object = None
             if kind in recv:
@@ -118,24 +128,28 @@ def release_points(s: Schedule, rules: ScheduleRules | None = None) -> tuple[dic
                 waiters.setdefault(missing, []).append(r)  # woken by that send or that issue
                 break
             for vector in vectors:
-                mine = known[r] = list(map(max, mine, vector))
+                maximum(mine, vector, out=mine)
             if kind.is_collective:
                 k = index[a]
                 mine[r] = k + 1
-                snapshot = list(mine)
-                at_issue[k].append(snapshot)
+                snapshot = mine.copy()
                 if kind in BROADCASTS and r == source[kind]:
                     broadcast_at[k] = snapshot
-                if len(at_issue[k]) == p:
-                    complete_at[k] = [max(column) for column in zip(*at_issue[k], strict=True)]
+                if joined[k] is None:
+                    joined[k] = snapshot.copy()
+                else:
+                    maximum(joined[k], snapshot, out=joined[k])
+                issued[k] += 1
+                if issued[k] == p:
+                    complete_at[k] = joined[k]
                 if kind in forget[r]:
                     pending[r].append((k, a))
                 work.extend(waiters.pop(k, ()))
             elif kind in send:
-                at_send[(r, a)] = list(mine)
+                at_send[(r, a)] = mine.copy()
                 work.extend(waiters.pop((r, a), ()))
             if vectors and pending[r]:
-                everyone = min(mine)
+                everyone = int(mine.min())
                 while pending[r] and pending[r][0][0] < everyone:
                     out[r].setdefault(n, []).append(pending[r].popleft()[1])
             pos[r] += 1

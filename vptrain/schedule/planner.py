@@ -10,12 +10,15 @@ The result (`NominalPlan`) records times only; `lower.py` turns it into per-rank
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from vptrain.schedule.ir import Action, PassKind
-from vptrain.schedule.rules import ScheduleRules
 from vptrain.schedule.interlaced import InterlacedVocab
+from vptrain.schedule.ir import Action, PassKind
+from vptrain.schedule.nogc import paused_gc
+from vptrain.schedule.rules import ScheduleRules
 from vptrain.schedule.vocab import NoVocab, OverlappedVocab
 
 K = PassKind
@@ -40,9 +43,22 @@ class NominalCosts:
     than start an F/B in front of it (vocab.OverlappedVocab.hold)."""
     sync_first_inputs: int = 0
     """Interlaced: how many microbatches' input layers the first barrier runs (the warm-up's)."""
+    p2p: float = 0.0
+    """A blocking transfer keeps its sender and its receiver busy this long (0: free)."""
+    collective: tuple[tuple[PassKind, float], ...] = ()
+    """(kind, time from its last issue to its completion); kinds not listed complete at once."""
 
     def table(self) -> dict[PassKind, float]:
         return {K.F: self.f, K.B: self.b, K.S: self.s, K.T: self.t, K.IF: self.input_f, K.IB: self.input_b}
+
+    def latency(self, kind: PassKind) -> float:
+        for k, seconds in reversed(self.collective):  # as dict(self.collective): the last one wins
+            if k is kind:
+                return seconds
+        return 0.0
+
+    def without_communication(self) -> NominalCosts:
+        return dataclasses.replace(self, p2p=0.0, collective=())
 
 
 @dataclass
@@ -56,7 +72,7 @@ class NominalPlan:
     completion: dict[Key, float]
 
 
-_FINISH, _WAKE, _RELEASE = 0, 1, 2
+_FINISH, _WAKE, _RELEASE, _CALL = 0, 1, 2, 3
 
 
 class Planner:
@@ -67,14 +83,20 @@ class Planner:
         self.rules, self.m, self.orders, self.costs = rules, m, orders, costs
         self.cost = costs.table()
         self.p = rules.stages.p
+        stages = rules.stages
+        # (rank, chunk) -> the neighbouring stage's place (None at the ends): read per pass.
+        self.next_place = [[stages.next_place(r, c) for c in range(stages.chunks)] for r in range(self.p)]
+        self.prev_place = [[stages.prev_place(r, c) for c in range(stages.chunks)] for r in range(self.p)]
         self.pos = [0] * self.p
         self.heap: list[tuple[float, int, int, int]] = []
         self.seq = 0
         self.busy = [False] * self.p
+        self.in_transfer = [False] * self.p
         self.input_at: set[tuple[int, int, int]] = set()  # (rank, mb, chunk): F input has arrived
         self.grad_at: set[tuple[int, int, int]] = set()  # (rank, mb, chunk): B gradient has arrived
         self.f_done: set[tuple[int, int, int]] = set()
         self.plan = NominalPlan([[] for _ in range(self.p)], [], {}, {})
+        self.calls: list[Callable[[float], None]] = []
         # Blocking transfers wait until sender and receiver are both between passes.
         self.outbox: list[list[tuple[Action, int, Action]]] = [[] for _ in range(self.p)]
         self.inbox: list[list[tuple[int, Action, Action]]] = [[] for _ in range(self.p)]
@@ -90,9 +112,16 @@ class Planner:
             t, _, event, r = heapq.heappop(self.heap)
             if event == _FINISH:
                 self._finish(r, t)
+            elif event == _CALL:
+                self.calls[r](t)
             else:
                 if event == _RELEASE:
                     self.busy[r] = False
+                    if self.in_transfer[r]:
+                        self.in_transfer[r] = False
+                        for peer in (r - 1, r + 1):  # may wait for this rank (see _decide)
+                            if 0 <= peer < self.p:
+                                self.wake(peer, t)
                 self._decide(r, t)
         expected = self.m * (2 * self.rules.stages.chunks + (4 if self.rules.method.vocab else 0))
         stalled = [r for r in range(self.p) if len(self.plan.computes[r]) != expected]
@@ -107,32 +136,51 @@ class Planner:
 
     def wake(self, r: int, t: float) -> None:
         if not self.busy[r]:
-            self._event(t, _WAKE, r)
+            self.seq += 1
+            heapq.heappush(self.heap, (t, self.seq, _WAKE, r))
 
     def wake_all(self, t: float) -> None:
+        busy, heap = self.busy, self.heap
         for r in range(self.p):
-            self.wake(r, t)
+            if not busy[r]:
+                self.seq += 1
+                heapq.heappush(heap, (t, self.seq, _WAKE, r))
 
     def release_at(self, r: int, t: float) -> None:
-        """A rank kept busy by a barrier becomes free at t."""
+        """A rank kept busy by a barrier (or a transfer) becomes free at t."""
         self._event(t, _RELEASE, r)
+
+    def call_at(self, t: float, call: Callable[[float], None]) -> None:
+        """Run `call(t)` at time t (a collective completing after its latency)."""
+        self.calls.append(call)
+        self._event(t, _CALL, len(self.calls) - 1)
 
     # -------------------------------------------------------------- decisions
     def _decide(self, r: int, t: float) -> None:
-        if self.busy[r]:
+        busy = self.busy
+        if busy[r]:
             return
-        self._exchange(r, t)
+        if self.outbox[r] or self.inbox[r]:
+            self._exchange(r, t)
+            if busy[r] or self._peer_in_transfer(r):
+                return
         if self.vocab.join(r, t):
             return
         action = self.vocab.take(r, t) or self._next_base(r)
-        if action is None or (action.kind in (K.F, K.B) and self.vocab.hold(r, t)):
+        if action is None:
             return  # idle until a transfer, a collective or a barrier wakes it
-        self.busy[r] = True
-        self.plan.computes[r].append((action, t, t + self.cost[action.kind]))
-        if action.kind in (K.F, K.B):
+        kind = action.kind
+        base = kind is K.F or kind is K.B
+        if base and self.vocab.hold(r, t):
+            return
+        busy[r] = True
+        end = t + self.cost[kind]
+        self.plan.computes[r].append((action, t, end))
+        if base:
             self.pos[r] += 1
         self.vocab.started(r, action, t)
-        self._event(t + self.cost[action.kind], _FINISH, r)
+        self.seq += 1
+        heapq.heappush(self.heap, (end, self.seq, _FINISH, r))
 
     def _next_base(self, r: int) -> Action | None:
         order = self.orders[r]
@@ -141,29 +189,28 @@ class Planner:
         return None
 
     def _ready(self, r: int, a: Action) -> bool:
-        i, c = a.microbatch, a.chunk
-        stages = self.rules.stages
-        if a.kind is K.F:
-            if stages.prev_place(r, c) is None:
+        kind, i, c = a
+        if kind is K.F:
+            if self.prev_place[r][c] is None:
                 return self.vocab.input_ready(i)
             return (r, i, c) in self.input_at
         if (r, i, c) not in self.f_done:
             return False
-        if stages.next_place(r, c) is None:
+        if self.next_place[r][c] is None:
             return self.vocab.loss_grad_ready(i)
         return (r, i, c) in self.grad_at
 
     def _finish(self, r: int, t: float) -> None:
         a = self.plan.computes[r][-1][0]
         self.busy[r] = False
-        stages = self.rules.stages
-        if a.kind is K.F:
+        kind = a.kind
+        if kind is K.F:
             self.f_done.add((r, a.microbatch, a.chunk))
-            nxt = stages.next_place(r, a.chunk)
+            nxt = self.next_place[r][a.chunk]
             if nxt is not None:
                 self._post(self.input_at, r, Action(K.SEND_F, a.microbatch, a.chunk), nxt, K.RECV_F)
-        elif a.kind is K.B:
-            prev = stages.prev_place(r, a.chunk)
+        elif kind is K.B:
+            prev = self.prev_place[r][a.chunk]
             if prev is not None:
                 self._post(self.grad_at, r, Action(K.SEND_B, a.microbatch, a.chunk), prev, K.RECV_B)
         self.vocab.finished(r, a, t)
@@ -180,22 +227,46 @@ class Planner:
         self.inbox[dest].append((r, send, recv))
 
     def _exchange(self, r: int, t: float) -> None:
-        """Run every pending transfer of rank r whose peer is also between passes (or idle)."""
-        for send, dest, recv in [x for x in self.outbox[r] if not self.busy[x[1]]]:
+        """Run every pending transfer of rank r whose peer is also between passes (or idle); with
+        a transfer cost, only the first (both ranks are busy with it until it ends)."""
+        busy = self.busy
+        for send, dest, recv in [x for x in self.outbox[r] if not busy[x[1]]]:
+            if busy[r]:
+                return
             self._transfer(t, r, send, dest, recv)
-        for src, send, recv in [x for x in self.inbox[r] if not self.busy[x[0]]]:
+        for src, send, recv in [x for x in self.inbox[r] if not busy[x[0]]]:
+            if busy[r]:
+                return
             self._transfer(t, src, send, r, recv)
+
+    def _peer_in_transfer(self, r: int) -> bool:
+        """A pending transfer's peer is busy only with another transfer: wait for it (a moment)
+        rather than start a pass and make the peer wait for that whole pass."""
+        in_transfer = self.in_transfer
+        for x in self.outbox[r]:
+            if in_transfer[x[1]]:
+                return True
+        for x in self.inbox[r]:
+            if in_transfer[x[0]]:
+                return True
+        return False
 
     def _transfer(self, t: float, src: int, send: Action, dest: int, recv: Action) -> None:
         self.outbox[src].remove((send, dest, recv))
         self.inbox[dest].remove((src, send, recv))
         self.plan.transfers.append((t, src, send, dest, recv))
         arrived = self.input_at if send.kind is K.SEND_F else self.grad_at
-        arrived.add((dest, recv.microbatch, recv.chunk))
+        arrived.add((dest, recv.microbatch, recv.chunk))  # the receiver is busy until it is in
+        if self.costs.p2p > 0:
+            for rank in (src, dest):
+                self.busy[rank] = self.in_transfer[rank] = True
+                self.release_at(rank, t + self.costs.p2p)
+            return
         self.wake(src, t)
         self.wake(dest, t)
 
 
 def plan_nominal(rules: ScheduleRules, m: int, orders: list[list[Action]], costs: NominalCosts) -> NominalPlan:
     """Run the nominal timeline for the given per-rank F/B orders."""
-    return Planner(rules, m, orders, costs).run()
+    with paused_gc():
+        return Planner(rules, m, orders, costs).run()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from vptrain.schedule.ir import Action, PassKind, Schedule, ScheduleError
 from vptrain.schedule.memory import VocabBufferSizes, vocab_live_bytes
+from vptrain.schedule.nogc import paused_gc
 from vptrain.schedule.rules import ScheduleRules
 
 K = PassKind
@@ -137,7 +138,8 @@ def memory_profile(s: Schedule, costs: PassCosts | None = None) -> tuple[list[in
 
 def simulate(s: Schedule, costs: PassCosts, *, rules: ScheduleRules | None = None) -> SimResult:
     """Run the schedule on `costs`. Raises DeadlockError if some rank can never finish."""
-    return _Simulation(s, costs, rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p)).run()
+    with paused_gc():
+        return _Simulation(s, costs, rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p)).run()
 
 
 class _Simulation:
@@ -192,29 +194,34 @@ class _Simulation:
         self.blocked[r] = why
 
     def _advance(self, r: int) -> None:
-        row = self.s.ranks[r]
-        while self.pos[r] < len(row):
-            n = self.pos[r]
-            a, needs = row[n], self.needs[r][n]
-            ready = self.clock[r]
+        row, row_needs, pos, clock = self.s.ranks[r], self.needs[r], self.pos, self.clock
+        completion, start, end = self.completion, self.start[r], self.end[r]
+        compute = self.costs.compute[r]
+        size = len(row)
+        while pos[r] < size:
+            n = pos[r]
+            a, needs = row[n], row_needs[n]
+            ready = clock[r]
             for w in needs.waits:
                 key = (w.kind, w.microbatch)
-                if key not in self.completion:
+                done = completion.get(key)
+                if done is None:
                     self._wait_for(r, key, f"waits for {w} to complete")
                     return
-                ready = max(ready, self.completion[key])
-            if a.kind.is_p2p:
+                ready = max(ready, done)
+            kind = a.kind
+            if kind.is_compute:  # inline PassCosts.duration: the bulk of every schedule
+                finish = ready + compute.get((kind, a.chunk), 0.0)
+                start[n], end[n] = ready, finish
+                self.busy[r] += finish - ready
+                clock[r] = finish
+            elif kind.is_p2p:
                 if not self._rendezvous(r, n, a, needs.peer, ready):
                     return
                 continue
-            if a.kind.is_collective and not self._collective(r, n, a, ready):
+            elif not self._collective(r, n, a, ready):
                 return
-            if a.kind.is_compute:
-                finish = ready + self.costs.duration(r, a)
-                self.start[r][n], self.end[r][n] = ready, finish
-                self.busy[r] += finish - ready
-                self.clock[r] = finish
-            self.pos[r] += 1
+            pos[r] += 1
         self.blocked.pop(r, None)
 
     def _collective(self, r: int, n: int, a: Action, ready: float) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 from vptrain.schedule.ir import SCHEDULE_NAMES, Action, PassKind, Schedule, ScheduleError
+from vptrain.schedule.nogc import paused_gc
 from vptrain.schedule.order import first_order_conflict
 from vptrain.schedule.render import render_order
 from vptrain.schedule.rules import METHOD_NAMES, ScheduleRules
@@ -42,10 +43,11 @@ def validate_schedule(s: Schedule, *, check_deadlock: bool = True, rules: Schedu
             f"metadata: {s.name} with p={s.p}, m={s.num_microbatches} needs chunks={rules.stages.chunks}, "
             f"p >= 1 and m >= 1 (got chunks={s.chunks})"
         )
-    positions = [_check_exactly_once(s, rules, r) for r in range(s.p)]
-    for r in range(s.p):
-        _check_local_order(s, rules, r, positions[r])
-    conflict = first_order_conflict(s, rules)
+    with paused_gc():  # allocation-heavy and cycle-free (nogc.py)
+        positions = [_check_exactly_once(s, rules, r) for r in range(s.p)]
+        for r in range(s.p):
+            _check_local_order(s, rules, r, positions[r])
+        conflict = first_order_conflict(s, rules)
     if conflict is not None:
         (fa, sa), (fb, sb) = conflict.positions_a, conflict.positions_b
         _fail(s, conflict.message(s), {(conflict.a, fa), (conflict.a, sa), (conflict.b, fb), (conflict.b, sb)})
@@ -59,13 +61,15 @@ def validate_schedule(s: Schedule, *, check_deadlock: bool = True, rules: Schedu
 def _check_exactly_once(s: Schedule, rules: ScheduleRules, r: int) -> dict[Action, int]:
     row = s.ranks[r]
     expected = Counter(rules.expected(r, s.num_microbatches))
-    positions: dict[Action, int] = {}
-    for n, a in enumerate(row):
-        if a in positions:
-            _fail(s, f"rank {r} runs {a} twice (positions {positions[a]} and {n})", {(r, positions[a]), (r, n)})
-        positions[a] = n
-        if a not in expected and not _optional(a, rules, r, s.num_microbatches):
-            _fail(s, f"rank {r} runs {a}, which does not belong on this rank in this schedule", {(r, n)})
+    positions = {a: n for n, a in enumerate(row)}
+    if len(positions) < len(row) or not positions.keys() <= expected.keys():  # report the first fault
+        positions = {}
+        for n, a in enumerate(row):
+            if a in positions:
+                _fail(s, f"rank {r} runs {a} twice (positions {positions[a]} and {n})", {(r, positions[a]), (r, n)})
+            positions[a] = n
+            if a not in expected and not _optional(a, rules, r, s.num_microbatches):
+                _fail(s, f"rank {r} runs {a}, which does not belong on this rank in this schedule", {(r, n)})
     missing = [a for a in expected if a not in positions]
     if missing:
         shown = ", ".join(str(a) for a in missing[:8]) + (" ..." if len(missing) > 8 else "")
@@ -79,16 +83,17 @@ def _optional(a: Action, rules: ScheduleRules, r: int, m: int) -> bool:
 
 
 def _check_local_order(s: Schedule, rules: ScheduleRules, r: int, positions: dict[Action, int]) -> None:
+    needs, get, missing = rules.needs, positions.get, len(s.ranks[r])  # `missing`: past every position
     for n, a in enumerate(s.ranks[r]):
-        needs = rules.needs(r, a)
-        for before in needs.after:
-            at = positions.get(before)
-            if at is None or at > n:
+        found = needs(r, a)
+        for before in found.after:
+            if get(before, missing) > n:
+                at = positions.get(before)
                 where = "never" if at is None else f"only at position {at}"
                 _fail(s, f"rank {r} runs {a} (position {n}) before {before} ({where})", _cells(r, n, at))
-        for awaited in needs.waits:
-            at = positions.get(awaited)
-            if at is None or at > n:
+        for awaited in found.waits:
+            if get(awaited, missing) > n:
+                at = positions.get(awaited)
                 where = "never issues it" if at is None else f"issues it only at position {at}"
                 msg = f"rank {r} waits for {awaited} at {a} (position {n}) but {where}"
                 _fail(s, msg, _cells(r, n, at))

@@ -16,7 +16,6 @@ The interlaced baseline's synchronous passes live in interlaced.py.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vptrain.schedule.ir import Action, PassKind
@@ -82,24 +81,29 @@ class OverlappedVocab(NoVocab):
         # every rank has started its S), for `hold`.
         self.due: dict[Key, float] = {}
         self.s_started: dict[int, list[float]] = {}
+        stages = host.rules.stages
+        self.loss_place = stages.loss_place
+        self.follow = {K.S: K.MAX if K.MAX in self.collectives else K.STATS, K.T: K.DX_REDUCE, K.IF: K.EMB_REDUCE}
+        self.follow = {k: v for k, v in self.follow.items() if v in self.collectives}
 
     def start(self) -> None:
         self.release_inputs(self.host.costs.if_lookahead, 0.0)
 
     def hold(self, r: int, t: float) -> bool:
         """Wait for a vocabulary step due within `hold_window` forwards rather than start an F or B:
-        S(i) right after X_BCAST(i), and (vocab-2 on every rank, the loss rank's g broadcast
-        otherwise) the issue after the statistics. Otherwise the step waits for the whole pass
-        (up to a B), and with it the loss stage's B, which waits on the chain X_BCAST -> S ->
-        STATS -> DXHAT; a short idle here is cheaper than that stall of the whole pipeline."""
+        vocab-2: S(i) right after X_BCAST(i) and the DXHAT issue after the statistics, on every
+        rank; vocab-1: the loss rank's g broadcast after the statistics. Otherwise the step waits
+        for the whole pass (up to a B), and with it the loss stage's B, which waits on the chain
+        X_BCAST -> S -> STATS -> DXHAT (vocab-1: ... -> G_BCAST -> T -> DX_REDUCE); a short idle
+        can be cheaper than that stall of the whole pipeline (builders.HOLD_CHOICES decides)."""
         window = self.host.costs.hold_window
         if K.DXHAT not in self.collectives:
-            return False  # Algorithm 1 has a whole T and the extra microbatch of slack behind it
-        for (kind, i), at in self.due.items():
-            if (kind, i) in self.host.plan.completion or at > t + window:
-                continue
-            return True
-        return False
+            # Algorithm 1: only the loss rank's g broadcast after the statistics gates every
+            # rank's T (and the loss stage's B behind it); the rest has a microbatch of slack.
+            # (vocab-naive: never; the window 0 of the golden schedules: never.)
+            return window > 0 and K.STATS in self.collectives and r == self.loss_rank and any(
+                at <= t + window for (kind, _), at in self.due.items() if kind is self.stats)
+        return any(at <= t + window for at in self.due.values())
 
     def release_inputs(self, upto: int, t: float) -> None:
         for j in range(self.released_inputs + 1, min(upto, self.host.m - 1) + 1):
@@ -119,24 +123,24 @@ class OverlappedVocab(NoVocab):
         end = t + self.host.cost[a.kind]
         if a.kind is K.F and (r, a.chunk) == self.embed_place:
             self.release_inputs(a.microbatch + self.host.costs.if_lookahead + 1, t)
-        if a.kind is K.F and self.host.rules.stages.next_place(r, a.chunk) is None:
-            self.due[(K.X_BCAST, a.microbatch)] = end
+        latency = self.host.costs.latency
+        if a.kind is K.F and (r, a.chunk) == self.loss_place:
+            self.due[(K.X_BCAST, a.microbatch)] = end + latency(K.X_BCAST)
         elif a.kind is K.S:
             ends = self.s_started.setdefault(a.microbatch, [])
             ends.append(end)
             if len(ends) == self.host.p:
-                self.due[(self.stats, a.microbatch)] = max(ends)
+                self.due[(self.stats, a.microbatch)] = max(ends) + latency(self.stats)
 
     def finished(self, r: int, a: Action, t: float) -> None:
-        stages, i = self.host.rules.stages, a.microbatch
-        if a.kind is K.F and stages.next_place(r, a.chunk) is None:
+        kind, i, chunk = a
+        if kind is K.F and (r, chunk) == self.loss_place:
             self.issue(r, (K.X_BCAST, i), t)
-        elif a.kind is K.B and stages.prev_place(r, a.chunk) is None:
+        elif kind is K.B and (r, chunk) == self.embed_place:
             self.issue(r, (K.DEMB_BCAST, i), t)
         else:
-            follow = {K.S: K.MAX if K.MAX in self.collectives else K.STATS, K.T: K.DX_REDUCE, K.IF: K.EMB_REDUCE}
-            kind = follow.get(a.kind)
-            if kind is not None and kind in self.collectives:
+            kind = self.follow.get(kind)
+            if kind is not None:
                 self.issue(r, (kind, i), t)
 
     def input_ready(self, i: int) -> bool:
@@ -152,10 +156,15 @@ class OverlappedVocab(NoVocab):
         # before); a reduction needs every rank's contribution.
         needed = 1 if key[0] in (K.X_BCAST, K.G_BCAST, K.DEMB_BCAST) else self.host.p
         if len(issued) == needed:
-            self._complete(key, t)
+            latency = self.host.costs.latency(key[0])
+            if latency > 0:
+                self.host.call_at(t + latency, lambda at: self._complete(key, at))
+            else:
+                self._complete(key, t)
 
     def _complete(self, key: Key, t: float) -> None:
         self.host.plan.completion[key] = t
+        self.due.pop(key, None)
         kind, i = key
         if kind is K.X_BCAST:
             self._to_all(K.S, Action(K.S, i))

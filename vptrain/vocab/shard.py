@@ -9,35 +9,16 @@ but the layers in this package never let them into a softmax, a target or a grad
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import gcd
 
 import torch
 
+# The padding and shard rules are the layout's (one definition, torch-free for the planner).
+from vptrain.layout import padded_vocab_rows, shard_range
+
+__all__ = ["IGNORE_INDEX", "VocabShard", "padded_vocab_rows", "shard_range"]
+
 IGNORE_INDEX = -100
 """Label of a token that contributes neither loss nor gradient (same as F.cross_entropy)."""
-
-
-def padded_vocab_rows(vocab_size: int, num_shards: int, pad_to_multiple_of: int = 1) -> int:
-    """Smallest row count >= vocab_size that is a multiple of num_shards and pad_to_multiple_of."""
-    if vocab_size < 1 or num_shards < 1 or pad_to_multiple_of < 1:
-        raise ValueError(
-            f"need vocab_size, num_shards, pad_to_multiple_of >= 1, got {vocab_size}, {num_shards}, "
-            f"{pad_to_multiple_of}"
-        )
-    multiple = num_shards * pad_to_multiple_of // gcd(num_shards, pad_to_multiple_of)
-    return -(-vocab_size // multiple) * multiple
-
-
-def shard_range(vocab_rows: int, num_shards: int, rank: int) -> tuple[int, int]:
-    """Rows [start, end) of shard `rank` when `vocab_rows` is cut into `num_shards` equal pieces."""
-    if num_shards < 1 or not 0 <= rank < num_shards:
-        raise ValueError(f"rank {rank} is not in [0, {num_shards})")
-    if vocab_rows % num_shards:
-        raise ValueError(
-            f"vocab_rows={vocab_rows} is not a multiple of num_shards={num_shards}; pad it first (padded_vocab_rows)"
-        )
-    rows = vocab_rows // num_shards
-    return rank * rows, (rank + 1) * rows
 
 
 @dataclass(frozen=True)
