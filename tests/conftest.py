@@ -16,6 +16,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/wandb_reader.py
 
 
+# The distributed tests run gloo ranks on CPUs. Saying so spares each launcher importing torch only
+# to ask whether a GPU is there (cluster.device=auto: ~3 s of CPU per launch on these machines,
+# before any rank starts); `make run` and the tests of the device choice keep the default.
+ON_CPU = "cluster.device=cpu"
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})

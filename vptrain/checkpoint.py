@@ -14,6 +14,10 @@ checkpoint and `latest` intact; a half-written directory is never named by `late
 removed by the next save. A checkpoint whose weights are not all finite is never written, so
 `latest` always names weights a run can continue from.
 
+A run of the layout that wrote a checkpoint restores it as saved (bitwise); a run of another layout
+reshards it (vptrain/reshard.py, reading it as the single-process model: vptrain/checkpoint_global.py),
+from what meta.json records (`written_by`) and each rank file's `param_slices` and `coord`.
+
 Rank files are read with `torch.load(weights_only=True)`: tensors and plain containers, plus the
 few data-only DeepSpeed types its optimizers put in their state dicts, allowed for that one load.
 A file that needs anything else (a planted pickle, a class from elsewhere) is refused unread.
@@ -21,6 +25,7 @@ A file that needs anything else (a planted pickle, a class from elsewhere) is re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -85,13 +90,17 @@ def save(cfg: RunConfig, trainer, *, step: int, losses: list[float], wandb_run_i
         os.makedirs(tmp)
     _barrier()
     state["rng"] = rng_state()
+    # What each parameter is in the single-process model, in the optimizer's order: a run of another
+    # layout reshards from it (vptrain/reshard.py), `vptrain export-hf` assembles from it.
+    state["param_slices"] = [[local, *s.to_list()] for local, s in trainer.global_slices().items()]
+    state["coord"] = {"stage": trainer.stage, "dp_rank": trainer.dp_rank}
     with open(os.path.join(tmp, f"rank_{rank}.pt"), "wb") as f:
         torch.save(state, f)
         _sync_file(f)
     _barrier()
     if rank == 0:
         meta = {"step": step, "losses": losses, "pp": cfg.layout.pp, "dp": cfg.layout.dp, "method": cfg.method.name,
-                "world_size": _world(), "wandb_run_id": wandb_run_id}
+                "world_size": _world(), "wandb_run_id": wandb_run_id, **written_by(cfg)}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f)
             _sync_file(f)
@@ -103,6 +112,23 @@ def save(cfg: RunConfig, trainer, *, step: int, losses: list[float], wandb_run_i
         _prune(root, keep=KEEP)
     _barrier()
     return final
+
+
+def written_by(cfg: RunConfig) -> dict:
+    """What meta.json records about the run that wrote a checkpoint: the model's shape (a run of
+    another shape cannot continue it), the layout and the optimizer (a run of another layout
+    reshards; vptrain/reshard.py), and where its data came from (export copies the tokenizer)."""
+    from vptrain.resolved import vocab_shards
+
+    return {
+        "schedule": cfg.schedule.name,
+        "precision": cfg.precision,
+        "model": dataclasses.asdict(cfg.model),
+        "vocab_rows": vocab_shards(cfg).rows,
+        "optim": {"name": cfg.optim.name, "zero_stage": cfg.optim.zero_stage},
+        "data": {"name": cfg.data.name, "path": cfg.data.path},
+        "steps": cfg.train.steps,
+    }
 
 
 def read_meta(path: str) -> dict | None:
@@ -170,19 +196,29 @@ def resolve_resume(cfg: RunConfig, *, report: Callable[[str], None] | None = Non
 
 
 def load(cfg: RunConfig, trainer, path: str) -> dict:
-    """Restore this rank's state from checkpoint directory `path`; returns its meta.json."""
+    """Restore this rank's state from checkpoint directory `path`; returns its meta.json. A
+    checkpoint of this run's layout is restored as saved (bitwise); one of another layout (pp, dp,
+    method, schedule, precision, ZeRO stage, vocabulary padding) is resharded (vptrain/reshard.py)."""
+    from vptrain.reshard import can_reshard, holds_what_trainer_holds, layout_differences, load_resharded
+
     meta = read_meta(path)
     if meta is None:
         raise CheckpointError(f"train.resume: {os.path.join(path, 'meta.json')} is missing or not valid JSON")
-    world = _world()
-    if meta.get("world_size") != world or meta.get("pp") != cfg.layout.pp:
+    differ = layout_differences(cfg, meta, world_size=_world())
+    if not differ:
+        state = load_rank_file(os.path.join(path, f"rank_{_rank()}.pt"), deepspeed_state=cfg.layout.pp > 1)
+        if holds_what_trainer_holds(state, trainer):
+            trainer.load_checkpoint_state(state)
+            set_rng_state(state["rng"])
+            return meta
+        differ = ["which parameters each rank holds (layout.layers_per_stage)"]
+    if not can_reshard(meta):
         raise ValueError(
-            f"train.resume: checkpoint {path} was written with pp={meta.get('pp')} on {meta.get('world_size')} ranks; "
-            f"this run has pp={cfg.layout.pp} on {world}. Resume with the same layout."
-        )
-    state = load_rank_file(os.path.join(path, f"rank_{_rank()}.pt"), deepspeed_state=cfg.layout.pp > 1)
-    trainer.load_checkpoint_state(state)
-    set_rng_state(state["rng"])
+            f"train.resume: checkpoint {path} was written by another layout ({', '.join(differ)}) before checkpoints "
+            f"recorded which part of the model each rank holds, so it cannot be resharded; resume it with the layout "
+            f"that wrote it (pp={meta.get('pp')}, dp={meta.get('dp')}, method={meta.get('method')})")
+    view = load_resharded(trainer, path)
+    set_rng_state(view.rank0["rng"])
     return meta
 
 
@@ -201,12 +237,13 @@ def safe_state_types(*, deepspeed_state: bool) -> list[type]:
     return [fragment_address, LossScaler, ZeroStageEnum]
 
 
-def load_rank_file(path: str, *, deepspeed_state: bool) -> dict:
+def load_rank_file(path: str, *, deepspeed_state: bool, mmap: bool = False) -> dict:
     """torch.load with weights_only=True; the allowed extra types are scoped to this one call
-    (no process-wide registration)."""
+    (no process-wide registration). `mmap`: tensors stay in the file until read (resharding reads
+    only the rows it needs of every rank's file)."""
     try:
         with torch.serialization.safe_globals(safe_state_types(deepspeed_state=deepspeed_state)):
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"train.resume: {path} does not exist; the checkpoint is incomplete") from None
     except pickle.UnpicklingError as err:  # what the weights-only unpickler raises for anything not allowed

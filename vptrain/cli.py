@@ -4,6 +4,8 @@
     vptrain plan   [overrides...] [-m]     layout, memory, schedule and predicted time; starts nothing
     vptrain plan --search search.gpus=N search.memory_gib=G [overrides...]   rank methods x layouts
     vptrain submit [overrides...] [-m] [--dry-run]   render and submit an sbatch job per config
+    vptrain eval   [overrides...]          mean token loss on data.eval_path -> run_dir/eval.json
+    vptrain export-hf RUN_DIR OUT_DIR [--step N]   a run's checkpoint as a Hugging Face model
     vptrain compare DIR                     table + plots over the runs under DIR
     vptrain prepare-data ...                BPE tokenizer + memmap token shards from text files
 
@@ -21,7 +23,7 @@ from pathlib import Path
 EXIT_CONFIG_ERROR = 2
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-HYDRA_COMMANDS = ("train", "plan", "submit")
+HYDRA_COMMANDS = ("train", "plan", "submit", "eval")
 USAGE = __doc__
 
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else EXIT_CONFIG_ERROR)
     command, rest = argv[0], argv[1:]
     if command in HYDRA_COMMANDS:
-        if command == "train":
+        if command in ("train", "eval"):
             from vptrain.launch.env import external_launch
 
             launch = external_launch()
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         from vptrain.compare import main as compare_main
 
         sys.exit(compare_main(rest))
+    if command == "export-hf":
+        from vptrain.hf.export import main as export_main
+
+        sys.exit(export_main(rest))
     if command == "prepare-data":
         from vptrain.prepare_data import main as prepare_main
 
@@ -63,6 +69,10 @@ def _handler(command: str) -> Callable:
         from vptrain.plan import run_plan
 
         return run_plan
+    if command == "eval":
+        from vptrain.launch.entry import evaluate
+
+        return evaluate
     from vptrain.launch.submit import submit
 
     return submit
@@ -106,7 +116,9 @@ def _run_hydra(command: str, rest: list[str]) -> int:
         return int(code)
 
     # The callback validates between composition and Hydra's creating the run directory.
-    sys.argv = [f"vptrain {command}"] + rest + callback_overrides(command)
+    # An eval inside a training run's directory keeps that run's .hydra/ (its composed config).
+    own_subdir = ["hydra.output_subdir=.hydra-eval"] if command == "eval" else []
+    sys.argv = [f"vptrain {command}"] + rest + own_subdir + callback_overrides(command)
     try:
         with hydra_raises():
             _task()
@@ -190,6 +202,11 @@ def materialize(dcfg, hydra_cfg=None, output_dir: str | None = None) -> object:
     except OmegaConfBaseException as err:  # a missing value (data.path: ???), a broken interpolation
         key = getattr(err, "full_key", None) or "config"
         raise ValueError(f"{key}: {str(err).strip().splitlines()[0]}") from None
+    from vptrain.data_meta import adopt_data_meta
+    from vptrain.hf.shape import adopt_hf_shape
+
+    cfg = adopt_hf_shape(cfg, overrides=cfg.overrides)  # model.init_from=hf:DIR: shape from its config.json
+    cfg = adopt_data_meta(cfg)  # data.dtype from prepare-data's meta.json
     launch = external_launch()
     validate(cfg, world_size=launch.world_size if launch else None)
     return cfg

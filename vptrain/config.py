@@ -18,6 +18,7 @@ VOCAB_METHODS = ("interlaced", "vocab-naive", "vocab-1", "vocab-2")
 SCHEDULES = ("1f1b", "vhalf")
 PRECISIONS = ("fp32", "bf16")
 ARCHS = ("gpt", "llama")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 DEFAULT_ROPE_THETA = 10000.0
 
 
@@ -52,6 +53,12 @@ class ModelConfig:
     """llama: width of the SwiGLU MLP (null: 8h/3 rounded up to a multiple of 16)."""
     rope_theta: float | None = None
     """llama: base of the rotary frequencies (null: 10000)."""
+    init_from: str | None = None
+    """hf:DIR: start from a Hugging Face checkpoint (config.json + safetensors); its config.json sets
+    the architecture and shape (vptrain/hf/). null: vptrain's own seeded initialisation."""
+    activation_checkpointing: str = "none"
+    """none | full (recompute each transformer layer in its backward, keeping its input) | selective
+    (recompute attention and the MLP's activation, keep the layer inputs)."""
 
 
 @dataclass
@@ -115,6 +122,8 @@ class TrainConfig:
     with both ranks' operations named (tests; a few store round trips per operation)."""
     dump_params: bool = False
     """Save every stage's final parameters under run_dir/params (equivalence tests)."""
+    eval_every: int = 0
+    """Evaluate on data.eval_path every k steps (0: never during training; `vptrain eval` any time)."""
 
 
 @dataclass
@@ -140,8 +149,18 @@ class DataConfig:
     """synthetic | memmap"""
     path: str | None = None
     """memmap: a .bin token file, a directory of them, or a glob."""
-    dtype: str = "uint16"
-    """memmap token dtype: uint16 | uint32"""
+    dtype: str = "auto"
+    """Token dtype of data.path / data.eval_path: uint16 | uint32 | auto (the dtype in the meta.json
+    prepare-data wrote beside the files, else uint16; vptrain/data_meta.py resolves it before validation)."""
+    eval_path: str | None = None
+    """A token file (memmap format) to evaluate on: train.eval_every and `vptrain eval`."""
+
+
+@dataclass
+class EvalConfig:
+    sequences: int = 64
+    """Windows evaluated: window i = tokens[i*S : i*S + S + 1] of data.eval_path, S = model.seq_len,
+    in file order (vptrain/evaluate.py)."""
 
 
 @dataclass
@@ -233,6 +252,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

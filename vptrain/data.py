@@ -9,6 +9,8 @@ same sequences in the same step, and the data position to save and restore is ju
   (next = perm[current]) with a little noise, so a small GPT learns it within tens of steps.
 - `memmap`: flat uint16/uint32 token files (nanoGPT / Megatron style .bin), windows of seq_len + 1
   tokens at offsets drawn from a generator seeded by (seed, step).
+- evaluation (`EvalWindows`, data.eval_path): window i is tokens[i*S : i*S + S + 1], in file order,
+  so another tool can recompute the eval loss; `EvalBatches` serves them a training batch at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import numpy as np
 import torch
 
 from vptrain.config import RunConfig, microbatches
+from vptrain.data_meta import concrete_dtype
 from vptrain.validate import resolve_data_files
+from vptrain.vocab.shard import IGNORE_INDEX
 
 NUM_RULES = 4
 NOISE = 0.05
@@ -81,6 +85,27 @@ class MemmapTokens:
         return out
 
 
+class EvalWindows:
+    """The first `count` windows of one token file, in file order: window i = tokens[i*S : i*S + S + 1]
+    (consecutive windows share one token: the last target of one is the first input of the next)."""
+
+    def __init__(self, path: str, dtype: str, seq_len: int, count: int):
+        self.seq_len, self.count = seq_len, count
+        self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        if len(self.tokens) < count * seq_len + 1:
+            raise ValueError(f"data.eval_path: {path} holds {len(self.tokens)} tokens; eval.sequences={count} windows "
+                             f"of model.seq_len={seq_len} need {count * seq_len + 1}; lower eval.sequences")
+
+    def samples(self, first: int, count: int) -> np.ndarray:
+        if first < 0 or first + count > self.count:
+            raise IndexError(f"eval windows [{first}, {first + count}) outside [0, {self.count})")
+        s = self.seq_len
+        flat = np.asarray(self.tokens[first * s : (first + count) * s + 1], dtype=np.int64)
+        # Row r starts at token r*S and ends one past the next row's start.
+        rows = np.lib.stride_tricks.sliding_window_view(flat, s + 1)[::s]
+        return np.ascontiguousarray(rows)
+
+
 class StepData:
     """Microbatches of (tokens, labels) for one (step, dp rank)."""
 
@@ -96,7 +121,7 @@ class StepData:
             self.source = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.seed)
         else:
             files = resolve_data_files(os.path.expanduser(cfg.data.path or ""))
-            self.source = MemmapTokens(files, cfg.data.dtype, cfg.model.seq_len, cfg.train.seed)
+            self.source = MemmapTokens(files, concrete_dtype(cfg), cfg.model.seq_len, cfg.train.seed)
 
     def microbatches(self, step: int, dp_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = self.spec
@@ -108,6 +133,35 @@ class StepData:
             w = windows[j * s.micro_batch : (j + 1) * s.micro_batch]
             out.append((w[:, :-1].contiguous(), w[:, 1:].contiguous()))
         return out
+
+
+class EvalBatches:
+    """The eval windows a training batch at a time: batch k is windows [k*G, (k+1)*G), G =
+    train.global_batch_size, cut over data-parallel ranks and microbatches as a training step's is.
+    The last batch is filled up with padding windows whose targets are all IGNORE_INDEX; as
+    eval.sequences is a multiple of train.micro_batch_size, a microbatch is all windows or all
+    padding (vptrain/evaluate.py weighs the batches by the windows they hold)."""
+
+    def __init__(self, cfg: RunConfig):
+        t = cfg.train
+        self.global_batch, self.micro_batch, self.dp = t.global_batch_size, t.micro_batch_size, cfg.layout.dp
+        self.num_micro, self.seq_len, self.sequences = microbatches(cfg), cfg.model.seq_len, cfg.eval.sequences
+        path = os.path.expanduser(cfg.data.eval_path or "")
+        self.windows = EvalWindows(path, concrete_dtype(cfg), self.seq_len, self.sequences)
+        self.steps = -(-self.sequences // self.global_batch)
+
+    def microbatches(self, step: int, dp_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        per_rank = self.global_batch // self.dp
+        first = step * self.global_batch + dp_rank * per_rank
+        real = min(max(self.sequences - first, 0), per_rank)
+        windows = torch.zeros((per_rank, self.seq_len + 1), dtype=torch.int64)  # padding inputs: token 0
+        if real:
+            windows[:real] = torch.from_numpy(self.windows.samples(first, real))
+        inputs, labels = windows[:, :-1], windows[:, 1:].clone()
+        labels[real:] = IGNORE_INDEX
+        b = self.micro_batch
+        return [(inputs[j * b : (j + 1) * b].contiguous(), labels[j * b : (j + 1) * b].contiguous())
+                for j in range(self.num_micro)]
 
 
 def write_token_file(path: str, tokens: np.ndarray, dtype: str = "uint16") -> str:

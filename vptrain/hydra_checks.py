@@ -190,7 +190,7 @@ class CheckBeforeLaunch(Callback):
             with _writable(task):
                 del task["hydra"]
             cfg = materialize(task, hydra_cfg=config.hydra, output_dir=run_dir)
-            if self.command == "train":
+            if self.command in ("train", "eval"):
                 launch = external_launch()
                 preflight(cfg, launch)
                 # One job per run directory (vptrain/run_lock.py): locked before Hydra writes .hydra/

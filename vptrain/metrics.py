@@ -80,6 +80,19 @@ def truncate_rows(path: str, *, keep_steps: int) -> None:
     os.replace(tmp, path)
 
 
+def logged_eval_losses(path: str) -> dict[int, float]:
+    """step -> eval/loss of the rows a metrics.jsonl holds (a resumed run's summary keeps them)."""
+    out: dict[int, float] = {}
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if "eval/loss" in row:
+                out[row["step"]] = row["eval/loss"]
+    return out
+
+
 @dataclass
 class RunMetrics:
     cfg: RunConfig
@@ -90,6 +103,7 @@ class RunMetrics:
     iter_times: list[float] = field(default_factory=list)
     last_stages: list[dict[str, Any]] = field(default_factory=list)
     peak_by_stage: dict[int, dict[str, int]] = field(default_factory=dict)
+    eval_losses: dict[int, float] = field(default_factory=dict)  # step -> eval/loss (train.eval_every)
 
     def __post_init__(self):
         self.tokens_per_step = self.cfg.train.global_batch_size * self.cfg.model.seq_len
@@ -104,9 +118,11 @@ class RunMetrics:
         self.losses = list(losses)
         if self.is_logger:
             truncate_rows(self.path, keep_steps=len(losses))
+            self.eval_losses = logged_eval_losses(self.path)
 
     def record(self, step: int, *, loss: float, lr: float, grad_norm: float | None, iter_s: float,
-               stages: list[dict[str, Any]]) -> dict[str, Any]:
+               stages: list[dict[str, Any]], eval_loss: float | None = None) -> dict[str, Any]:
+        """One row per step; `eval_loss` when the step was followed by an eval (logged as eval/loss)."""
         self.losses.append(loss)
         self.iter_times.append(iter_s)
         self.last_stages = stages
@@ -125,6 +141,9 @@ class RunMetrics:
             "tflops_per_device": tflops,
             "mfu": tflops / peak_tflops(self.cfg),
         }
+        if eval_loss is not None:
+            row["eval/loss"] = eval_loss
+            self.eval_losses[step] = eval_loss
         for s in stages:
             i = s["stage"]
             row[f"time/stage_{i}/busy"] = s["busy_s"]
@@ -137,7 +156,7 @@ class RunMetrics:
                 f.write(json.dumps(row) + "\n")
             if self.wandb is not None:
                 self.wandb.log(row, step=step)
-            if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps - 1:
+            if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps - 1 or eval_loss is not None:
                 self._print(row)
         return row
 
@@ -146,7 +165,8 @@ class RunMetrics:
         print(
             f"step {row['step'] + 1:>5}/{self.cfg.train.steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} "
             f"| gnorm {gn} | {row['tokens_per_s']:,.0f} tok/s | {row['tflops_per_device']:.3f} TFLOP/s/dev "
-            f"| MFU {100 * row['mfu']:.2f}% | {row['iter_time_s'] * 1000:.0f} ms/it",
+            f"| MFU {100 * row['mfu']:.2f}% | {row['iter_time_s'] * 1000:.0f} ms/it"
+            + (f" | eval loss {row['eval/loss']:.4f}" if "eval/loss" in row else ""),
             flush=True,
         )
 
@@ -175,6 +195,8 @@ class RunMetrics:
             "steps": len(self.losses),
             "losses": self.losses,
             "final_loss": self.losses[-1] if self.losses else None,
+            "eval_losses": [[step, loss] for step, loss in sorted(self.eval_losses.items())],
+            "final_eval_loss": self.eval_losses[max(self.eval_losses)] if self.eval_losses else None,
             "median_iter_time_s": med,
             "tokens_per_s": self.tokens_per_step / med if self.losses else None,
             "tflops_per_device": self.flops_per_step / med / self.world_size / 1e12 if self.losses else None,

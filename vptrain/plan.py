@@ -35,6 +35,7 @@ from vptrain.schedule.costs import (
     model_flops,
     parameter_count,
     pass_flops,
+    recompute_transient_bytes,
     state_bytes,
     vocab_buffer_bytes,
 )
@@ -121,7 +122,8 @@ def make_plan(cfg: RunConfig, *, memo: ScheduleMemo | None = None) -> Plan:
         memory = state_bytes(
             params, precision=cfg.precision, optimizer=cfg.optim.name, zero_stage=cfg.optim.zero_stage, dp=cfg.layout.dp
         )
-        memory["activations"] = sim.peak_activation[r]
+        # Recompute rebuilds one layer's activations inside a backward, beside everything in flight.
+        memory["activations"] = sim.peak_activation[r] + (recompute_transient_bytes(shape) if rank.num_layers else 0.0)
         loss_held = _chunk_peak(schedule, r, loss_chunk) if r == loss_rank else 0
         # Vocabulary methods: every buffer timed over the schedule (schedule/memory.py).
         memory["vocab_buffers"] = float(sim.peak_vocab_bytes[r]) if sim.peak_vocab_bytes else vocab_buffer_bytes(

@@ -13,10 +13,14 @@ import os
 
 from vptrain.config import RunConfig, default_intermediate_size
 from vptrain.launch.env import LaunchEnv
-from vptrain.preflight_inputs import check_data, check_resume
+from vptrain.preflight_inputs import check_data
+from vptrain.preflight_resume import check_resume
+from vptrain.schedule.activations import kept_per_layer
 from vptrain.schedule.costs import state_bytes
 
 GIB = float(1 << 30)
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
+"""One of them exists wherever torch could see a GPU (NVIDIA's driver, AMD's ROCm)."""
 RANKS_PER_CORE = 4
 """Beyond this many ranks per CPU core a CPU run only thrashes (each rank is a process with its own
 torch runtime, ~0.4 GB and a busy thread); tests and the benchmarks use at most 2 per core."""
@@ -57,6 +61,8 @@ def on_gpu(cfg: RunConfig) -> bool:
         return False
     if cfg.cluster.device == "cuda":
         return True
+    if not any(os.path.exists(p) for p in GPU_DRIVER_FILES):
+        return False  # no GPU driver: spares the launcher importing torch (seconds of CPU per launch)
     import torch
 
     return torch.cuda.is_available()
@@ -101,23 +107,26 @@ def _size_key(cfg: RunConfig) -> str:
 def rank_bytes_lower_bound(cfg: RunConfig, *, host_data: bool) -> float:
     """Bytes the fullest pipeline rank needs at least, in closed form (no schedule): its share
     (1/pp, whatever the split) of parameters + gradients + optimizer state (cost model's
-    state_bytes), one in-flight microbatch's activations (costs.activation_bytes per layer), and with
+    state_bytes), one in-flight microbatch's activations (what each layer keeps under
+    model.activation_checkpointing, schedule/activations.py), and with
     `host_data` (CPU runs) the synthetic data's permutation tables (4 x vocab int64 per rank)."""
     m, lay = cfg.model, cfg.layout
     h, v = m.hidden_size, m.vocab_size
     tables = 1 if m.tie_embeddings else 2
     positions = (m.max_position_embeddings or m.seq_len) * h
-    layer = 12 * h * h + 13 * h
+    layer, width = 12 * h * h + 13 * h, 4 * h
     if m.arch == "llama":  # GQA k/v, SwiGLU, two norm weights; no biases, no position table
         kv = (m.num_kv_heads or m.num_heads) * (h // m.num_heads)
-        layer = 2 * h * h + 2 * h * kv + 3 * h * (m.intermediate_size or default_intermediate_size(h)) + 2 * h
+        width = m.intermediate_size or default_intermediate_size(h)
+        layer = 2 * h * h + 2 * h * kv + 3 * h * width + 2 * h
         positions = 0
     params = m.num_layers * layer + tables * v * h + positions + 2 * h
     state = sum(state_bytes(params, precision=cfg.precision, optimizer=cfg.optim.name,
                             zero_stage=cfg.optim.zero_stage, dp=lay.dp).values())
     act = 2 if cfg.precision == "bf16" else 4
     tokens = m.seq_len * cfg.train.micro_batch_size
-    activations = (16.0 * m.num_layers / lay.pp + 1.0) * tokens * h * act
+    kept = kept_per_layer(m.activation_checkpointing, arch=m.arch, hidden=h, intermediate=width)
+    activations = (kept * m.num_layers / lay.pp + h) * tokens * act
     data = 4 * 8 * v if host_data and cfg.data.name == "synthetic" else 0
     return state / lay.pp + activations + data
 

@@ -1,216 +1,103 @@
-"""Pre-launch checks of what a run reads: the memmap token files and the checkpoint to resume.
-Each raises ValueError naming the key (vptrain/preflight.py runs them)."""
+"""Pre-launch checks of the token files a run reads (data.path, data.eval_path) against the model
+and the meta.json prepare-data wrote beside them. Each raises ValueError naming the key
+(vptrain/preflight.py runs them; the checkpoint to resume is vptrain/preflight_resume.py's)."""
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 
 import numpy as np
 
 from vptrain.config import RunConfig
-from vptrain.validate import resolve_data_files
+from vptrain.data_meta import TOKEN_DTYPES, DataMeta, data_metas, token_files
 
 SAMPLE_TOKENS = 1 << 16
-"""Tokens read from each of three places (start, middle, end) of each data file."""
+"""Tokens read from each of three places (start, middle, end) of a large data file."""
 SAMPLE_FILES = 16
-LAYOUT_KEYS = ("layout.pp", "layout.dp", "method.name", "schedule.name", "model.vocab_size", "model.hidden_size",
-               "model.num_layers", "model.tie_embeddings", "vocab.pad_to_multiple_of", "optim.name", "model.arch",
-               "model.num_kv_heads", "model.intermediate_size")
-"""What a checkpoint must share with the run resuming it (until resharding exists)."""
-META_KEYS = {"layout.pp": "pp", "layout.dp": "dp", "method.name": "method", "schedule.name": "schedule",
-             "model.vocab_size": "vocab_size", "model.hidden_size": "hidden_size", "model.num_layers": "num_layers"}
-"""The same keys as checkpoint meta.json names them (where it records them)."""
+"""Files read, spread evenly over a long list (meta.json's max_token_id covers the rest)."""
+WHOLE_BYTES = 1 << 28
+"""Token files up to this size in all are read whole: every id checked, not a sample."""
 
 
 def _fail(key: str, msg: str) -> None:
     raise ValueError(f"{key}: {msg}")
 
 
-# --- data -----------------------------------------------------------------------------------------
-
-
 def check_data(cfg: RunConfig) -> None:
-    """memmap files: whole tokens of data.dtype, the dtype prepare-data wrote, ids below
-    model.vocab_size (meta.json when present, and a sample of every file)."""
-    d, vocab = cfg.data, cfg.model.vocab_size
-    if d.name != "memmap" or not d.path:
-        return
-    files = resolve_data_files(os.path.expanduser(d.path))
-    itemsize = np.dtype(d.dtype).itemsize
+    """memmap training files and the evaluation file: whole tokens of data.dtype (adopt_data_meta
+    made it concrete), the dtype and vocabulary their meta.json say, ids below model.vocab_size."""
+    d = cfg.data
+    if (d.name == "memmap" or d.eval_path) and d.dtype not in TOKEN_DTYPES:
+        _fail("data.dtype", f"'{d.dtype}': token files are {' or '.join(TOKEN_DTYPES)}")
+    metas = data_metas(cfg)
+    if d.name == "memmap" and d.path:
+        _check_files("data.path", token_files(d.path), d.dtype, cfg.model.vocab_size,
+                     [m for key, m in metas if key == "data.path"])
+    if d.eval_path:
+        _check_files("data.eval_path", token_files(d.eval_path), d.dtype, cfg.model.vocab_size,
+                     [m for key, m in metas if key == "data.eval_path"])
+
+
+def _check_files(key: str, files: list[str], dtype: str, vocab: int, metas: list[DataMeta]) -> None:
+    if not files:
+        return  # validate.py names the missing files
+    itemsize = np.dtype(dtype).itemsize
     for f in files:
         size = os.path.getsize(f)
         if size % itemsize:
-            _fail("data.dtype", f"{f} is {size} bytes, not a whole number of {d.dtype} tokens ({itemsize} bytes "
+            _fail("data.dtype", f"{f} is {size} bytes, not a whole number of {dtype} tokens ({itemsize} bytes "
                                 "each): a truncated file, or tokens of another dtype")
-    meta = _data_meta(d.path, files)
-    if meta:
-        if meta.get("dtype") not in (None, d.dtype):
-            _fail("data.dtype", f"{d.dtype}, but {meta['_path']} says the tokens are {meta['dtype']}; "
-                                f"set data.dtype={meta['dtype']}")
-        ids = meta.get("tokenizer_vocab_size") or meta.get("vocab_size")
-        if isinstance(ids, int) and ids > vocab:
-            _fail("model.vocab_size", f"{vocab}, but {meta['_path']} says the tokens take {ids} ids; "
-                                      f"set model.vocab_size={meta.get('vocab_size', ids)}")
-    for f in files[:SAMPLE_FILES]:
-        _check_sample(f, d.dtype, vocab)
+    for meta in metas:
+        _check_meta(meta, dtype, vocab)
+    whole = sum(os.path.getsize(f) for f in files) <= WHOLE_BYTES
+    picked = files if len(files) <= SAMPLE_FILES else [files[round(i * (len(files) - 1) / (SAMPLE_FILES - 1))]
+                                                        for i in range(SAMPLE_FILES)]
+    said = next((m for m in metas if m.dtype == dtype), None)
+    for f in picked:
+        _check_ids(key, f, dtype, vocab, whole, said)
 
 
-def _data_meta(path: str, files: list[str]) -> dict | None:
-    folder = path if os.path.isdir(path) else os.path.dirname(files[0])
-    meta_path = os.path.join(folder, "meta.json")
-    if not os.path.isfile(meta_path):
-        return None
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        _fail("data.path", f"{meta_path} is not valid JSON (truncated?); rewrite it with `vptrain prepare-data` "
-                           "or remove it")
-    if not isinstance(meta, dict):
-        _fail("data.path", f"{meta_path} is not a prepare-data meta file (expected a JSON object)")
-    return {**meta, "_path": meta_path}
+def _check_meta(meta: DataMeta, dtype: str, vocab: int) -> None:
+    if meta.dtype is not None and meta.dtype != dtype:
+        _fail("data.dtype", f"{dtype}, but {meta.path} says the tokens are {meta.dtype}; leave data.dtype out "
+                            f"(auto: taken from meta.json) or set data.dtype={meta.dtype}")
+    if meta.ids is not None and meta.ids > vocab:
+        suggest = max(meta.ids, meta.vocab_size or 0)
+        _fail("model.vocab_size", f"{vocab}, but {meta.path} says the tokens take {meta.ids} ids (the tokenizer's "
+                                  f"vocabulary); set model.vocab_size={suggest} or more")
+    if meta.max_token_id is not None and meta.max_token_id >= vocab:
+        _fail("model.vocab_size", f"{vocab}, but {meta.path} says the files hold token id {meta.max_token_id}; "
+                                  f"set model.vocab_size={meta.max_token_id + 1} or more")
 
 
-def _sample(path: str, dtype: str) -> np.ndarray:
+def _tokens(path: str, dtype: str, whole: bool) -> np.ndarray:
     tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
     n = len(tokens)
-    if n <= 3 * SAMPLE_TOKENS:
-        return np.asarray(tokens)
+    if whole or n <= 3 * SAMPLE_TOKENS:
+        return tokens
     middle = (n - SAMPLE_TOKENS) // 2
     return np.concatenate([tokens[:SAMPLE_TOKENS], tokens[middle:middle + SAMPLE_TOKENS], tokens[-SAMPLE_TOKENS:]])
 
 
-def _check_sample(path: str, dtype: str, vocab: int) -> None:
-    sample = _sample(path, dtype)
-    if sample.size == 0:
+def _check_ids(key: str, path: str, dtype: str, vocab: int, whole: bool, said: DataMeta | None) -> None:
+    if os.path.getsize(path) == 0:
         return
-    if dtype == "uint16" and sample.size >= 64 and os.path.getsize(path) % 4 == 0:
+    tokens = _tokens(path, dtype, whole)
+    # Where the dtype came from meta.json, a contradiction means the meta describes other files.
+    blame = (f"; {said.path} says {dtype}, so it describes other files: rewrite it with `vptrain prepare-data` "
+             "or remove it") if said else ""
+    head = np.memmap(path, dtype=np.dtype(dtype), mode="r")[: 2 * SAMPLE_TOKENS]  # from the start: parity kept
+    if dtype == "uint16" and head.size >= 64 and os.path.getsize(path) % 4 == 0:
         # uint32 ids below 65536 read as uint16: every second value is a zero high half.
-        evens, odds = sample[0::2], sample[1::2]
-        if not odds.any() and evens.any():
-            _fail("data.dtype", f"{path} looks like uint32 tokens (every second uint16 is 0); set data.dtype=uint32")
-    top = int(sample.max())
+        if not head[1::2].any() and head[0::2].any():
+            _fail("data.dtype", f"{path} looks like uint32 tokens (every second uint16 is 0); set data.dtype=uint32"
+                                + blame)
+    top = int(tokens.max())
     if top < vocab:
         return
-    if dtype == "uint32" and int(_sample(path, "uint16").max()) < vocab:
+    if dtype == "uint32" and int(_tokens(path, "uint16", whole).max()) < vocab:
         _fail("data.dtype", f"{path} holds token id {top} >= model.vocab_size={vocab} as uint32, but reads as valid "
-                            "uint16 tokens: set data.dtype=uint16")
-    _fail("model.vocab_size", f"{path} holds token id {top} >= model.vocab_size={vocab}; raise model.vocab_size to "
-                              f"at least {top + 1}, or check data.dtype")
-
-
-# --- resume ---------------------------------------------------------------------------------------
-
-
-def check_resume(cfg: RunConfig) -> None:
-    """The checkpoint a resume would load is complete and of this run's layout. train.resume=auto
-    with a `latest` that names no complete checkpoint is refused rather than silently starting over."""
-    resume = cfg.train.resume
-    if resume == "never":
-        return
-    from vptrain import checkpoint  # the trainer's own choice of directory (with its fallback rules)
-
-    root = checkpoint.checkpoint_root(cfg)
-    if resume == "auto":
-        path = checkpoint.resolve_resume(cfg)
-        if path is None:
-            pointer = os.path.join(root, "latest")
-            steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
-            if os.path.exists(pointer) or steps:
-                name = _read_text(pointer) if os.path.exists(pointer) else ""
-                named_dir = os.path.join(root, name)
-                if name and os.path.isdir(named_dir):
-                    check_checkpoint(cfg, named_dir)  # says what is wrong with it, when it can tell
-                named = repr(_read_text(pointer)) if os.path.exists(pointer) else "nothing (no latest file)"
-                complete = [d for d in steps if os.path.isfile(os.path.join(root, d, "meta.json"))]
-                what = (f"the newest complete one is {complete[-1]}: resume it with "
-                        f"train.resume={os.path.join(root, complete[-1])}" if complete else
-                        "no checkpoint there is complete (with its meta.json): remove that directory to start over")
-                _fail("train.resume", f"auto: {pointer} names {named}, which is not a complete checkpoint; {what}")
-            return
-    else:
-        path = resume
-    check_checkpoint(cfg, path)
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return "an unreadable file"
-
-
-def check_checkpoint(cfg: RunConfig, path: str) -> None:
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        hint = ""
-        for pointer in (os.path.join(path, "latest"), os.path.join(path, "checkpoints", "latest")):
-            if os.path.isfile(pointer):
-                hint = f"; {pointer} names {os.path.join(os.path.dirname(pointer), _read_text(pointer))}"
-        hint = hint or "; give a step_* directory from a run directory's checkpoints/"
-        _fail("train.resume", f"{path} is not a checkpoint (no meta.json){hint}")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        meta = None
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-        _fail("train.resume", f"{meta_path} is truncated or not a vptrain checkpoint's meta; resume from another "
-                              "checkpoint (train.resume=DIR) or remove this one")
-    _check_layout(cfg, path, meta)
-    world = int(meta.get("world_size", cfg.layout.pp * cfg.layout.dp))
-    for rank in range(world):
-        _check_rank_file(path, rank)
-
-
-def _check_layout(cfg: RunConfig, path: str, meta: dict) -> None:
-    """Compare what the checkpoint records (meta.json, and the config.yaml of the run that wrote it)."""
-    written = {key: meta[short] for key, short in META_KEYS.items() if short in meta}
-    run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.yaml")
-    if os.path.isfile(run_config):
-        try:
-            from vptrain.config import load
-
-            saved = {key: _get(load(run_config), key) for key in LAYOUT_KEYS}
-            # Only the config of the run that wrote the checkpoint: a later run may have replaced it.
-            if all(saved[key] == value for key, value in written.items()):
-                written = {**saved, **written}
-        except Exception:  # noqa: BLE001 - an unreadable old config: compare what meta.json has
-            pass
-    differ = [k for k, v in written.items() if v != _get(cfg, k)]
-    if differ:
-        what = ", ".join(f"{k}={written[k]} (this run: {_get(cfg, k)})" for k in differ)
-        shown = [k for k in LAYOUT_KEYS[:6] if k in written]
-
-        def layout(values) -> str:
-            return " ".join(f"{k.removesuffix('.name').split('.')[-1]}={values(k)}" for k in shown)
-
-        _fail("train.resume", f"checkpoint {path} has another layout: {what} [checkpoint: {layout(written.get)}; "
-                              f"this run: {layout(lambda k: _get(cfg, k))}]; resume with the checkpoint's layout "
-                              "(resharding is not supported) or use a new hydra.run.dir")
-
-
-def _get(cfg: object, key: str) -> object:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def _check_rank_file(path: str, rank: int) -> None:
-    name = os.path.join(path, f"rank_{rank}.pt")
-    if not os.path.isfile(name):
-        _fail("train.resume", f"checkpoint {path} has no {os.path.basename(name)}: incomplete; resume from another "
-                              "checkpoint or remove this one")
-    with open(name, "rb") as f:
-        head = f.read(4)
-    if not head:
-        _fail("train.resume", f"{name} is empty: the checkpoint is incomplete; resume from another one")
-    if head == b"PK\x03\x04":  # torch.save's zip format: its directory sits at the end of the file
-        try:
-            with zipfile.ZipFile(name):
-                pass
-        except zipfile.BadZipFile:
-            _fail("train.resume", f"{name} is truncated: the checkpoint is incomplete; resume from another one")
+                            "uint16 tokens: set data.dtype=uint16" + blame)
+    where = "" if key == "data.path" else f" ({key})"
+    _fail("model.vocab_size", f"{path}{where} holds token id {top} >= model.vocab_size={vocab}; raise "
+                              f"model.vocab_size to at least {top + 1}, or check data.dtype")

@@ -135,6 +135,7 @@ def _shape(cfg: RunConfig, vocab: VocabShards) -> ModelShape:
         micro_batch=cfg.train.micro_batch_size, act_bytes=2 if cfg.precision == "bf16" else 4,
         tied=m.tie_embeddings, arch=m.arch, kv_dim=(m.num_kv_heads or m.num_heads) * (m.hidden_size // m.num_heads),
         intermediate=(m.intermediate_size or default_intermediate_size(m.hidden_size)) if m.arch == "llama" else 0,
+        recompute=m.activation_checkpointing,
     )
 
 

@@ -6,8 +6,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -16,10 +18,13 @@ from vptrain import checkpoint
 from vptrain.config import RunConfig, to_dict
 from vptrain.data import StepData
 from vptrain.engine.deepspeed_setup import new_groups_time_out_after
+from vptrain.evaluate import Evaluator
 from vptrain.launch.env import LaunchEnv, cuda_device_index, nccl_environment
 from vptrain.metrics import RunMetrics, gather_stage_stats, rank_stats
 from vptrain.preempt import Preemption
 from vptrain.resolved import ResolvedPlan, resolve
+
+T = TypeVar("T")
 
 
 class TrainingError(RuntimeError):
@@ -96,6 +101,12 @@ def build_trainer(cfg: RunConfig, device: torch.device, rank: int, plan: Resolve
 
 def train_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> dict | None:
     """Run the whole training job on this rank; returns the summary on the logging rank."""
+    return run_on_rank(cfg, launch, store, _train)
+
+
+def run_on_rank(cfg: RunConfig, launch: LaunchEnv, store, job: Callable[..., T]) -> T:
+    """job(cfg, launch, device, is_logger) on this rank's device, inside the job's process group
+    (the training loop, or `vptrain eval`'s, vptrain/evaluate.py)."""
     device = resolve_device(cfg, launch.local_rank)
     if device.type == "cpu":
         torch.set_num_threads(cfg.launcher.threads_per_rank)
@@ -106,9 +117,9 @@ def train_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> dict | None:
     try:
         # DeepSpeed creates its groups (some lazily) without a timeout: they get ours.
         with new_groups_time_out_after(timedelta(seconds=cfg.train.collective_timeout_s)):
-            summary = _train(cfg, launch, device, is_logger)
+            result = job(cfg, launch, device, is_logger)
         finished = True
-        return summary
+        return result
     finally:
         if dist.is_initialized():
             if finished:
@@ -150,6 +161,7 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
             f"training; raise train.stop_at_step or set it to 0 to continue")
         last_step = start_step
     every = cfg.train.checkpoint_every
+    evaluator = Evaluator(cfg) if cfg.train.eval_every else None
     preempt = Preemption.install(cfg.cluster.signal)  # Slurm's pre-timeout / preemption signals
     exit_code = 1
     try:
@@ -162,9 +174,11 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
                 raise TrainingError(f"step {step + 1}: loss is {result.loss}; stopping (no step taken after it). "
                                     f"{checkpoint.last_good_note(cfg)}")
             stages = gather_stage_stats(rank_stats(trainer, device, trainer.take_busy_seconds()), trainer.num_stages)
-            metrics.record(step, loss=result.loss, lr=trainer.current_lr(), grad_norm=result.grad_norm,
-                           iter_s=iter_s, stages=stages)
             done = step + 1
+            # Every train.eval_every steps and after the last: the same decision on every rank (a collective).
+            evaluate = evaluator is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
+            metrics.record(step, loss=result.loss, lr=trainer.current_lr(), grad_norm=result.grad_norm,
+                           iter_s=iter_s, stages=stages, eval_loss=evaluator.run(trainer).loss if evaluate else None)
             preempted = preempt.agreed(device) and done < cfg.train.steps  # collective: same answer everywhere
             stopping = 0 < stop_at <= done or preempted
             final = done == cfg.train.steps and cfg.train.checkpoint_at_end

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 
-from vptrain.config import ARCHS, METHODS, PRECISIONS, SCHEDULES, VOCAB_METHODS, RunConfig
+from vptrain.config import ACTIVATION_CHECKPOINTING, ARCHS, METHODS, PRECISIONS, SCHEDULES, VOCAB_METHODS, RunConfig
 from vptrain.schedule.costs import device_profile
 from vptrain.validate_ranges import check_ranges
 
@@ -72,6 +72,10 @@ def validate(cfg: RunConfig, *, world_size: int | None = None) -> None:
     if t.resume not in ("never", "auto") and not os.path.isdir(t.resume):
         _fail("train.resume", f"'{t.resume}' is neither never, auto, nor an existing checkpoint directory")
     _check_data(cfg)
+    _check_eval(cfg)
+    if m.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        _fail("model.activation_checkpointing", f"'{m.activation_checkpointing}': choose one of "
+              f"{', '.join(ACTIVATION_CHECKPOINTING)}")
     _check_logger_and_device(cfg)
     expected = lay.pp * lay.dp
     if world_size is not None and world_size != expected:
@@ -80,6 +84,41 @@ def validate(cfg: RunConfig, *, world_size: int | None = None) -> None:
             f"the launcher started {world_size} ranks but layout.pp * layout.dp = {expected}; "
             "make them equal",
         )
+
+
+def _check_eval(cfg: RunConfig) -> None:
+    """data.eval_path, train.eval_every and eval.* (vptrain/evaluate.py)."""
+    every, n = cfg.train.eval_every, cfg.eval.sequences
+    if every < 0:
+        _fail("train.eval_every", f"{every}: use 0 (no eval during training) or a step interval k >= 1")
+    if n < 1:
+        _fail("eval.sequences", f"{n}: evaluate at least one window")
+    path = cfg.data.eval_path
+    if not path:
+        if every:
+            _fail("train.eval_every", f"{every} needs data.eval_path (a token file to evaluate on); set it, "
+                  "or train.eval_every=0")
+        return
+    b = cfg.train.micro_batch_size
+    if n % b:
+        # Eval batches are training batches; the last one is filled up with whole microbatches of padding.
+        lower, upper = max(b, n - n % b), n - n % b + b
+        _fail("eval.sequences", f"{n} is not a multiple of train.micro_batch_size={b} (windows are evaluated "
+              f"a microbatch at a time); use {lower} or {upper}")
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        _fail("data.eval_path", f"'{path}' is not a file; give one token file (uint16/uint32, as prepare-data "
+              "writes)")
+    # Its dtype and ids are checked with the training files' (preflight_inputs.py); here: enough windows.
+    from vptrain.data_meta import concrete_dtype  # data_meta imports this module
+
+    itemsize = 4 if concrete_dtype(cfg) == "uint32" else 2
+    tokens, need = os.path.getsize(path) // itemsize, n * cfg.model.seq_len + 1
+    if tokens < need:
+        fits = (tokens - 1) // cfg.model.seq_len // b * b
+        _fail("eval.sequences", f"{n} windows of model.seq_len={cfg.model.seq_len} need {need} tokens, but "
+              f"data.eval_path={path} holds {tokens}; "
+              + (f"lower eval.sequences to {fits}" if fits else "give a longer token file"))
 
 
 def _check_arch(cfg: RunConfig) -> None:

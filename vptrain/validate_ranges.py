@@ -68,6 +68,8 @@ RANGES: dict[str, Range] = {
     "train.grad_clip": Range(0, hint="0 disables clipping"),
     "train.checkpoint_every": Range(0, hint="0 saves only at the end"),
     "train.stop_at_step": Range(0, hint="0 runs to train.steps"),
+    "train.eval_every": Range(0, hint="0 evaluates only with `vptrain eval`"),
+    "eval.sequences": AT_LEAST_1,
     "train.collective_timeout_s": Range(0, WEEK_S, low_open=True, hint="seconds, e.g. 300"),
     "optim.lr": POSITIVE,
     "optim.min_lr": AT_LEAST_0,

@@ -23,9 +23,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import hashlib
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -108,19 +110,39 @@ def train_case(
     return cfg
 
 
-def reference(cfg) -> tuple[list[float], dict]:
-    from vptrain.engine.single import SingleProcessTrainer
-    from vptrain.validate import validate
-
+def reference_config(cfg):
+    """The unpartitioned single-process configuration a case is compared with."""
     ref_cfg = copy.deepcopy(cfg)
     ref_cfg.layout.pp, ref_cfg.layout.dp, ref_cfg.layout.layers_per_stage = 1, 1, None
     ref_cfg.method.name, ref_cfg.schedule.name = "baseline", "1f1b"
     ref_cfg.train.micro_batch_size = cfg.train.micro_batch_size
+    ref_cfg.model.activation_checkpointing = "none"  # a recompute run must equal the plain model
+    return ref_cfg
+
+
+def reference(ref_cfg) -> dict:
+    from vptrain.engine.single import SingleProcessTrainer
+    from vptrain.validate import validate
+
     validate(ref_cfg)
     trainer = SingleProcessTrainer(ref_cfg, device=torch.device("cpu"))
     initial = trainer.named_parameters_global()
     losses, norms = train_steps(ref_cfg, trainer)
-    return losses, norms, trainer.named_parameters_global(), initial
+    return {"losses": losses, "grad_norms": norms, "params": trainer.named_parameters_global(), "initial": initial}
+
+
+def save_reference(cfg, out_dir: str) -> None:
+    """cfg's reference.pt. Cases that differ only in layout, method or schedule share one reference
+    configuration (seeded, layout-independent initialisation), so it is trained once per group and
+    copied: a cache on disk under out_dir, keyed by the whole configuration but its run directory."""
+    ref_cfg = reference_config(cfg)
+    key = hashlib.sha256(repr(dataclasses.replace(ref_cfg, run_dir="")).encode()).hexdigest()[:16]
+    cached = os.path.join(out_dir, "references", f"{key}.pt")
+    if not os.path.exists(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        torch.save(reference(ref_cfg), cached + ".tmp")
+        os.replace(cached + ".tmp", cached)
+    shutil.copyfile(cached, os.path.join(cfg.run_dir, "reference.pt"))
 
 
 def run_case(index: int, case: dict, out_dir: str, rank: int, store) -> None:
@@ -137,9 +159,7 @@ def run_case(index: int, case: dict, out_dir: str, rank: int, store) -> None:
 
     cfg = train_case(index, case, out_dir, rank, store, report=report, timeout_s=300)  # a hang guard only
     if rank == 0:
-        ref_losses, ref_norms, ref_params, initial = reference(cfg)
-        torch.save({"losses": ref_losses, "grad_norms": ref_norms, "params": ref_params, "initial": initial},
-                   os.path.join(cfg.run_dir, "reference.pt"))
+        save_reference(cfg, out_dir)
 
 
 def case_runner(kind: str) -> Callable[..., None]:
@@ -157,6 +177,7 @@ def main() -> int:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
                           is_master=rank == 0, timeout=timedelta(seconds=300))
     for i, case in enumerate(cases):
+        started = time.monotonic()
         try:
             case_runner(case["kind"])(i, case, out_dir, rank, store)
         except Exception:  # noqa: BLE001 - recorded for the test; one broken case must not hide the others
@@ -169,6 +190,8 @@ def main() -> int:
         store.add(f"done{i}", 1)
         while int(store.add(f"done{i}", 0)) < world:
             time.sleep(0.01)
+        if rank == 0:  # in the group's log, for finding the slow cases
+            print(f"case{i} {case['kind']} {case['name']}: {time.monotonic() - started:.2f} s", flush=True)
     return 0
 
 

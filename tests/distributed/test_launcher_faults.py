@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import ON_CPU, run_cli
 from test_baseline import HANG_GUARD_S, start_long_run
 
 from vptrain.launch.liveness import process_state
@@ -18,7 +18,7 @@ from vptrain.run_lock import RunDirInUse, acquire
 
 pytestmark = pytest.mark.distributed
 
-RUN = ("method=baseline", "layout.pp=2", "logger=none")
+RUN = (ON_CPU, "method=baseline", "layout.pp=2", "logger=none")
 GONE_WITHIN_S = 30.0  # a deadline for liveness on a loaded machine, not a timing assertion
 
 

@@ -9,27 +9,45 @@ import shutil
 import signal
 
 import pytest
-from conftest import run_cli, train_run
+from conftest import ON_CPU, run_cli, train_run
 from test_baseline import HANG_GUARD_S, start_long_run, worker_pid
 from wandb_reader import find_run_files, read_run
 
 pytestmark = pytest.mark.distributed
 
-RUN = ("layout.pp=2", "method=vocab-2", "logger=none", "train.global_batch_size=4", "train.steps=4")
+RUN = (ON_CPU, "layout.pp=2", "method=vocab-2", "logger=none", "train.global_batch_size=4", "train.steps=4")
 
 
 @pytest.mark.parametrize(("schedule", "precision"), [("1f1b", "fp32"), ("vhalf", "bf16")])
-def test_resume_continues_the_identical_loss_trajectory(tmp_path, schedule, precision):
+def test_resume_continues_the_identical_loss_trajectory_past_a_crash_during_save(tmp_path, schedule, precision):
     """fp32: the rank file holds torch AdamW's state; bf16: DeepSpeed's BF16_Optimizer's (fp32
-    master weights, fragment mappings), read back with weights_only=True all the same."""
-    run = (*RUN, f"schedule={schedule}", f"precision={precision}")
+    master weights, fragment mappings), read back with weights_only=True all the same.
+
+    One uninterrupted run saves after steps 2 and 4. A copy of its directory is cut back to a job
+    that died while saving step 4: the save's temporary directory half-written, `latest` still
+    naming step 2, no summary.json, and (so that nothing of steps 3-4 is left for the resumed job to
+    find) metrics.jsonl holding steps 1-2 only. Resuming it trains steps 3-4 again and cleans the
+    torn save up."""
+    run = (*RUN, f"schedule={schedule}", f"precision={precision}", "train.checkpoint_every=2")
     full = train_run(tmp_path / "full", *run)
-    stopped = train_run(tmp_path / "split", *run, "train.stop_at_step=2")
-    assert len(stopped["losses"]) == 2
-    resumed = train_run(tmp_path / "split", *run, "train.resume=auto")
+    split = tmp_path / "split"
+    shutil.copytree(tmp_path / "full", split)
+    ckpts = split / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
+    shutil.rmtree(ckpts / "step_00000004")
+    torn = ckpts / ".tmp_step_00000004"
+    torn.mkdir()
+    (torn / "rank_0.pt").write_bytes(b"partial")
+    (ckpts / "latest").write_text("step_00000002")
+    (split / "summary.json").unlink()
+    metrics = split / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:2]))
+    resumed = train_run(split, *run, "train.resume=auto")
     assert resumed["losses"] == full["losses"], "steps 3-4 after resuming must equal the uninterrupted run"
-    latest = (tmp_path / "split" / "checkpoints" / "latest").read_text().strip()
-    assert latest == "step_00000004"
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
+    assert not torn.exists(), "the next save cleans up the torn one"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == list(enumerate(full["losses"])), "each step logged once"
 
 
 def test_zero1_resume_after_losing_the_newest_checkpoint_is_bitwise_and_continues_its_wandb_run(tmp_path):
@@ -37,8 +55,8 @@ def test_zero1_resume_after_losing_the_newest_checkpoint_is_bitwise_and_continue
     BF16_Optimizer above). One uninterrupted run saves after steps 2 and 4; a copy of its
     directory loses step 4, so `latest` names a missing directory and metrics.jsonl holds two
     steps the resume redoes."""
-    overrides = ("layout.pp=2", "layout.dp=2", "method=vocab-1", "optim.zero_stage=1", "train.global_batch_size=4",
-                 "train.steps=4", "logger=wandb", "logger.mode=offline")
+    overrides = (ON_CPU, "layout.pp=2", "layout.dp=2", "method=vocab-1", "optim.zero_stage=1",
+                 "train.global_batch_size=4", "train.steps=4", "logger=wandb", "logger.mode=offline")
     full = train_run(tmp_path / "full", *overrides, "train.checkpoint_every=2")
     split = tmp_path / "split"
     shutil.copytree(tmp_path / "full", split)
@@ -55,18 +73,6 @@ def test_zero1_resume_after_losing_the_newest_checkpoint_is_bitwise_and_continue
     # the full run's file and the resumed job's).
     ids = [read_run(f).run_id for f in find_run_files(str(split))]
     assert len(ids) == 2 and set(ids) == {json.loads((step2 / "meta.json").read_text())["wandb_run_id"]}, ids
-
-
-def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    train_run(run_dir, *RUN, "train.stop_at_step=2")
-    ckpts = run_dir / "checkpoints"
-    # A save that died half-way: its temporary directory exists, `latest` still names step 2.
-    (ckpts / ".tmp_step_00000003").mkdir()
-    (ckpts / ".tmp_step_00000003" / "rank_0.pt").write_bytes(b"partial")
-    resumed = train_run(run_dir, *RUN, "train.resume=auto")
-    assert len(resumed["losses"]) == 4
-    assert not (ckpts / ".tmp_step_00000003").exists(), "the next save cleans up the torn one"
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):

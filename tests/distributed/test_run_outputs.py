@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import REPO, cli_env, run_cli, train_run
@@ -46,33 +47,42 @@ def test_wandb_offline_run_has_config_metrics_and_never_the_key(tmp_path):
             assert SECRET.encode() not in path.read_bytes(), f"API key leaked into {path}"
 
 
-def test_metrics_and_summary_files_and_the_plan_is_what_ran(tmp_path):
-    job = ("layout.pp=2", "train.steps=3", "logger=none", "train.record_passes=true")  # the default: vocab-2
-    summary = train_run(tmp_path, *job)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]
+@pytest.fixture(scope="module")
+def default_job(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`make run`, the README's first command (the embedded default job: vocab-2, pp=2), recording
+    the passes each rank executed. Both tests below read this one run."""
+    run_dir = tmp_path_factory.mktemp("make-run") / "run"
+    proc = subprocess.run(["make", "-s", "run", f"ARGS=hydra.run.dir={run_dir} train.record_passes=true"], cwd=REPO,
+                          env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_metrics_and_summary_files_and_the_plan_is_what_ran(default_job, tmp_path):
+    run_dir, _ = default_job
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = load(str(run_dir / "config.yaml")).train.steps
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(steps))
     assert summary["losses"] == [r["loss"] for r in rows]
     assert summary["median_iter_time_s"] > 0 and summary["tokens_per_s"] > 0
     assert [s["stage"] for s in summary["stages"]] == [0, 1]
     for stage in summary["stages"]:
         assert stage["params"] > 0 and stage["peak_memory_bytes"] > 0
-    saved = (tmp_path / "config.yaml").read_text()
+    saved = (run_dir / "config.yaml").read_text()
     assert "pp: 2" in saved and "run_dir:" in saved
     # DESIGN.md invariant 8: every rank executed its line of `vptrain plan`'s schedule.txt, every step.
-    run_cli("plan", *job, f"hydra.run.dir={tmp_path / 'plan'}", check=True, timeout=120)
+    run_cli("plan", "train.record_passes=true", f"hydra.run.dir={tmp_path / 'plan'}", check=True, timeout=120)
     planned = parse_schedule((tmp_path / "plan" / "schedule.txt").read_text())
     assert planned.method == "vocab-2" and planned.p == 2
     for stage, row in enumerate(planned.ranks):
-        executed = (tmp_path / "passes" / f"stage{stage}_dp0.txt").read_text().splitlines()
-        assert executed == [" ".join(map(str, row))] * 3, f"rank {stage} did not run its line of schedule.txt"
+        executed = (run_dir / "passes" / f"stage{stage}_dp0.txt").read_text().splitlines()
+        assert executed == [" ".join(map(str, row))] * steps, f"rank {stage} did not run its line of schedule.txt"
 
 
-def test_make_run_default_job(tmp_path):
+def test_make_run_default_job(default_job):
     """The README's first command: trains the embedded default and shows a falling loss."""
-    run_dir = tmp_path / "make-run"
-    proc = subprocess.run(["make", "-s", "run", f"ARGS=hydra.run.dir={run_dir}"], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir, proc = default_job
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["pp"] == 2
     assert summary["final_loss"] < summary["losses"][0] - 1.0, "the default job must visibly learn"

@@ -2,7 +2,8 @@
 
 One group of 4 CPU processes runs the whole matrix (see _engine_matrix.py; the group is shared with
 the session's other engine matrices, _matrix_group.py): methods x pp in {2, 3, 4} x dp in {1, 2} x
-vocabulary divisible or not by pp x m in {p, p+1, 2p+1} x tied or not, and a few llama rows.
+vocabulary divisible or not by pp x m in {p, p+1, 2p+1} x tied or not, a few llama rows and a few
+activation-recompute rows.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ CASES = [
     case("interlaced", 2, 2, **LLAMA),
     case("baseline", 2, 3, **LLAMA),
     case("vocab-1", 2, 4, tie=True, **LLAMA, **{"schedule.name": "vhalf"}),
+    # model.activation_checkpointing: each engine family, both archs and both modes, against the plain
+    # reference (reference_config never recomputes); each shares its reference with a row above.
+    case("vocab-2", 2, 3, vocab=509, **LLAMA, **{"model.activation_checkpointing": "full"}),
+    case("vocab-1", 2, 5, dp=2, vocab=509, **{"schedule.name": "vhalf", "model.activation_checkpointing": "selective"}),
+    case("baseline", 2, 2, **{"model.activation_checkpointing": "full"}),
+    case("interlaced", 2, 2, **LLAMA, **{"model.activation_checkpointing": "selective"}),
 ]
 
 

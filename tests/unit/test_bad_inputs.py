@@ -317,7 +317,7 @@ def test_a_stale_latest_names_the_newest_complete_checkpoint(tmp_path, monkeypat
     """Where the trainer would not fall back by itself (checkpoint.resolve_resume finds nothing),
     the refusal names the complete checkpoint to resume instead of starting over in silence."""
     from vptrain import checkpoint
-    from vptrain.preflight_inputs import check_resume
+    from vptrain.preflight_resume import check_resume
 
     checkpoint_files(tmp_path, meta=DEFAULT, latest="step_00000009")
     monkeypatch.setattr(checkpoint, "resolve_resume", lambda cfg: None)

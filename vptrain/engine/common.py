@@ -63,6 +63,7 @@ def gpt_shape(cfg: RunConfig, *, vocab_rows: int) -> GPTShape:
         num_kv_heads=m.num_kv_heads or m.num_heads,
         intermediate_size=m.intermediate_size or default_intermediate_size(m.hidden_size),
         rope_theta=DEFAULT_ROPE_THETA if m.rope_theta is None else m.rope_theta,
+        activation_checkpointing=m.activation_checkpointing,
     )
 
 

@@ -25,7 +25,9 @@ from vptrain.engine.common import (
     tensor_bytes,
 )
 from vptrain.engine.deepspeed_setup import deepspeed_config, import_deepspeed
+from vptrain.engine.param_names import GlobalSlice, global_slices, named_parameters_global
 from vptrain.engine.step_clock import install_step_clock
+from vptrain.init_from import apply_init_from, restore_fp32_masters
 from vptrain.model import layer_list
 from vptrain.optim import build_optimizer, build_scheduler
 from vptrain.resolved import ResolvedPlan, resolve
@@ -80,6 +82,8 @@ def build_engine_classes(ds):
         their order as the plan names them: DeepSpeed runs forwards and backwards in microbatch
         order, so the k-th ForwardPass of a step is F<k> (its transfers are DeepSpeed's own)."""
 
+        discard_step = False  # an eval batch: the optimizer step drops the gradients (discarding_step)
+
         def __init__(self, *args, busy_timer: BusyTimer, **kwargs):
             self.busy_timer = busy_timer
             self.executed: list[str] = []
@@ -111,14 +115,50 @@ def build_engine_classes(ds):
 
             self._global_grad_norm = clip_fp32_engine(self)
 
+        def _exec_optimizer_step(self, lr_kwargs=None):
+            if self.discard_step:
+                discard_gradients(self)
+                return
+            super()._exec_optimizer_step(lr_kwargs)
+
         # The map holds function objects, so overridden handlers must be re-registered.
         _INSTRUCTION_MAP = {
             **PipelineEngine._INSTRUCTION_MAP,
             schedule.ForwardPass: _exec_forward_pass,
             schedule.BackwardPass: _exec_backward_pass,
+            schedule.OptimizerStep: _exec_optimizer_step,
         }
 
     return StagedPipelineModule, TimedPipelineEngine
+
+
+def discard_gradients(engine) -> None:
+    """The optimizer step of an eval batch: drop the step's gradients exactly as DeepSpeed's
+    _take_model_step clears them after a real step (bf16: its fp32 gradient buffers too), and
+    change nothing else: parameters, optimizer state, LR schedule and step counters stay."""
+    if engine.bfloat16_enabled():
+        if hasattr(engine.optimizer, "zero_grad"):
+            engine.optimizer.zero_grad()
+        else:
+            engine.zero_grad()
+    elif engine.zero_optimization() or engine.fp16_enabled():
+        engine.optimizer.zero_grad()
+    else:
+        engine.zero_grad()
+
+
+@contextlib.contextmanager
+def discarding_step(engine):
+    """While active, the schedule's optimizer step discards the gradients (eval batches)."""
+    engine.discard_step = True
+    # DeepSpeed prints its progress line when global_steps % steps_per_print == 0, which holds
+    # before the first real step (global_steps=0): an eval batch of an untrained model would print it.
+    steps_per_print, engine._config.steps_per_print = engine._config.steps_per_print, None
+    try:
+        yield
+    finally:
+        engine.discard_step = False
+        engine._config.steps_per_print = steps_per_print
 
 
 def construct_engine(engine_cls, cfg: RunConfig, module, optimizer, scheduler, **extra):
@@ -167,11 +207,14 @@ class PipelineTrainer:
             # DeepSpeed's fp32 clip norm keeps only pipe-rank-0 params unless they are tagged
             # model-parallel; our layer params are never replicated across stages.
             p.model_parallel = True
+        apply_init_from(cfg, self.module, global_slices(self.module, num_layers=cfg.model.num_layers,
+                                                        vocab_rows=plan.layout.vocab.rows))
         self.optimizer = build_optimizer(self.module.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.timer = BusyTimer(device)
         self.engine = construct_engine(engine_cls, cfg, self.module, self.optimizer, self.scheduler,
                                        busy_timer=self.timer)
+        restore_fp32_masters(cfg, self.module, self.global_slices())  # bf16: masters from the import
         self.stage = self.engine.stage_id
         self.num_stages = self.engine.num_stages
         self.dp_rank = self.engine.grid.data_parallel_id
@@ -182,6 +225,13 @@ class PipelineTrainer:
             self._record_passes()
         norm = self.engine.get_global_grad_norm()
         return StepResult(loss=float(loss), grad_norm=None if norm is None else float(norm))
+
+    def eval_step(self, micro: list[Microbatch]) -> float:
+        """The mean token loss of one batch through the training schedule, its gradients discarded
+        (discard_gradients): exact in every layout, and no state a training step reads changes."""
+        with discarding_step(self.engine):
+            loss = self.engine.train_batch(data_iter=iter(micro))
+        return float(loss)
 
     def _record_passes(self) -> None:
         """Append this step's executed pass order to run_dir/passes/stage<s>_dp<d>.txt, one line per
@@ -211,9 +261,13 @@ class PipelineTrainer:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
+    def global_slices(self) -> dict[str, GlobalSlice]:
+        # Layers are registered under their global index, so names match the single-process model.
+        return global_slices(self.module, num_layers=self.cfg.model.num_layers,
+                             vocab_rows=self.resolved.layout.vocab.rows)
+
     def named_parameters_global(self) -> dict[str, torch.Tensor]:
-        # Layers are registered under their global index, so names match the single-process GPT.
-        return {n: p.detach().float().cpu().clone() for n, p in self.module.named_parameters()}
+        return named_parameters_global(self.module, self.global_slices())
 
     def checkpoint_state(self) -> dict:
         # Our own format: DeepSpeed's save_checkpoint skips modules outside the layer list

@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from vptrain.config import RunConfig
 from vptrain.engine.common import (
@@ -22,9 +23,12 @@ from vptrain.engine.common import (
     tensor_bytes,
 )
 from vptrain.engine.grad_norm import clip_grad_norm_fp64
+from vptrain.engine.param_names import GlobalSlice, global_slices, named_parameters_global
+from vptrain.init_from import apply_init_from
 from vptrain.model import build_model, lm_loss
 from vptrain.optim import build_optimizer, build_scheduler
 from vptrain.resolved import ResolvedPlan, resolve_layout
+from vptrain.vocab.shard import IGNORE_INDEX
 
 
 class SingleProcessTrainer:
@@ -32,7 +36,9 @@ class SingleProcessTrainer:
         self.cfg, self.device = cfg, device
         self.stage, self.num_stages, self.dp_rank = 0, 1, dp_rank
         layout = plan.layout if plan is not None else resolve_layout(cfg)  # the whole model: no schedule needed
+        self.vocab_rows = layout.vocab.rows
         self.model = build_model(gpt_shape(cfg, vocab_rows=layout.vocab.rows)).to(device)
+        apply_init_from(cfg, self.model, self.global_slices())
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.timer = BusyTimer(device)
@@ -77,6 +83,25 @@ class SingleProcessTrainer:
             total += loss.detach().double() / len(micro)
         return total
 
+    @torch.no_grad()
+    def eval_step(self, micro: list[Microbatch]) -> float:
+        """The batch's loss as train_step's (the mean of its microbatch means, averaged over
+        data-parallel replicas), without a gradient; no state of the model, optimizer or schedule changes."""
+        micro = batch_to_device(micro, self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for tokens, labels in micro:
+            with self._autocast():
+                logits = self.model(tokens)
+            # The masked mean as the pipeline's loss takes it: a microbatch of padding (no target) is 0.
+            kept = (labels != IGNORE_INDEX).sum().clamp_min(1)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum") / kept
+            total += loss.double() / len(micro)
+        if self.cfg.layout.dp > 1:
+            dist.all_reduce(total)
+            total /= self.cfg.layout.dp
+        return total.item()
+
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -91,8 +116,11 @@ class SingleProcessTrainer:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def global_slices(self) -> dict[str, GlobalSlice]:
+        return global_slices(self.model, num_layers=self.cfg.model.num_layers, vocab_rows=self.vocab_rows)
+
     def named_parameters_global(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters()}
+        return named_parameters_global(self.model, self.global_slices())
 
     def checkpoint_state(self) -> dict:
         return {

@@ -30,6 +30,8 @@ SENT = {PassKind.EMB_REDUCE: "emb_sent", PassKind.DX_REDUCE: "dx_sent", PassKind
 class VocabPassesMixin:
     """Mixed into a DeepSpeed PipelineEngine subclass that defines `plan` and `busy_timer`."""
 
+    discard_step = False  # an eval batch: the optimizer step drops the gradients (pipeline.discarding_step)
+
     def _init_vocab_state(self, plan, busy_timer) -> None:
         self._as_middle = False
         self.plan = plan
@@ -260,6 +262,11 @@ class VocabPassesMixin:
         from deepspeed.runtime.pipe.engine import PipelineEngine
 
         self._finish_collectives()
+        if self.discard_step:
+            from vptrain.engine.pipeline import discard_gradients
+
+            discard_gradients(self)
+            return
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
     def _finish_collectives(self) -> None:

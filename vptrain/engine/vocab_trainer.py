@@ -20,14 +20,17 @@ from vptrain import vocab
 from vptrain.config import VOCAB_METHODS, RunConfig
 from vptrain.engine.common import BusyTimer, Microbatch, StepResult, gpt_shape
 from vptrain.engine.deepspeed_setup import import_deepspeed
+from vptrain.engine.param_names import GlobalSlice, global_slices, named_parameters_global
 from vptrain.engine.pipeline import (
     PipelineTrainer,
     construct_engine,
+    discarding_step,
     layer_boundaries,
     make_topology,
     plain_loss_fn,
 )
 from vptrain.engine.strict_order import OrderChecker, StrictComm
+from vptrain.init_from import apply_init_from, restore_fp32_masters
 from vptrain.model import layer_list, output_weight_rows, token_embedding_rows
 from vptrain.optim import build_optimizer, build_scheduler
 from vptrain.resolved import ResolvedPlan, resolve
@@ -115,6 +118,9 @@ class VocabTrainer(PipelineTrainer):
             p.model_parallel = True  # unique per stage: DeepSpeed's own norms (bf16 overflow check) count it once
             p.ds_pipe_replicated = False
 
+        apply_init_from(cfg, self.module, global_slices(
+            self.module, num_layers=cfg.model.num_layers, vocab_rows=plan.layout.vocab.rows,
+            shard=None if shard is None else (shard.start, shard.end), position_at_root=with_vocab))
         self.optimizer = build_optimizer(self.module.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.timer = BusyTimer(device)
@@ -140,6 +146,7 @@ class VocabTrainer(PipelineTrainer):
         )
         self.engine = construct_engine(engine_cls, cfg, self.module, self.optimizer, self.scheduler,
                                        plan=self.plan, busy_timer=self.timer)
+        restore_fp32_masters(cfg, self.module, self.global_slices())  # bf16: masters from the import
         self.stage, self.num_stages, self.dp_rank = stage, pp, dp_rank
         assert self.engine.stage_id == stage and self.engine.grid.data_parallel_id == dp_rank
 
@@ -169,16 +176,20 @@ class VocabTrainer(PipelineTrainer):
         norm = self.engine.get_global_grad_norm()
         return StepResult(loss=float(loss), grad_norm=None if norm is None else float(norm))
 
+    def eval_step(self, micro: list[Microbatch]) -> float:
+        """The mean token loss of one batch through this rank's schedule (every pass, collective and
+        barrier as in training), the gradients discarded at the optimizer step."""
+        with discarding_step(self.engine):
+            loss = self.engine.run_step(micro)
+        return float(loss)
+
+    def global_slices(self) -> dict[str, GlobalSlice]:
+        shard = self.plan.shard
+        return global_slices(self.module, num_layers=self.cfg.model.num_layers,
+                             vocab_rows=self.resolved.layout.vocab.rows,
+                             shard=None if shard is None else (shard.start, shard.end),
+                             position_at_root=self.plan.algo is not None)
+
     def named_parameters_global(self) -> dict[str, torch.Tensor]:
         """Transformer params under the single-process names; shards as `<table>[start:end]`."""
-        out = {}
-        shard = self.plan.shard
-        for name, p in self.module.named_parameters():
-            if name in ("vocab_input", "vocab_output"):
-                table = "0.wte" if name == "vocab_input" else f"{self.cfg.model.num_layers + 2}.weight"
-                out[f"{table}[{shard.start}:{shard.end}]"] = p.detach().float().cpu().clone()
-            elif self.plan.algo is not None and name == "0.wpe":
-                out["0.pos.wpe"] = p.detach().float().cpu().clone()  # the reference nests it in InputEmbedding
-            else:
-                out[name] = p.detach().float().cpu().clone()
-        return out
+        return named_parameters_global(self.module, self.global_slices())

@@ -1,6 +1,10 @@
 """A worker process: one rank of a run whose resolved config is already in its run directory.
 
     python -m vptrain.launch.worker RUN_DIR      (ranks from RANK/WORLD_SIZE/... or SLURM_*)
+
+The job is `train` (RUN_DIR/config.yaml) unless VPTRAIN_TASK=eval (`vptrain eval`, whose config is
+RUN_DIR/eval_config.yaml, so evaluating in a training run's directory leaves its config alone).
+Under torchrun/srun rank 0 hands the task to the others through the store, beside its config.
 """
 
 from __future__ import annotations
@@ -16,6 +20,17 @@ from vptrain.launch.env import LaunchEnv, external_launch
 from vptrain.launch.liveness import Heartbeat, hold_lifeline, unresponsive
 
 CONFIG_KEY = "vptrain/config"
+TASK_KEY = "vptrain/task"
+TASK_ENV = "VPTRAIN_TASK"
+CONFIG_FILES = {"train": "config.yaml", "eval": "eval_config.yaml"}
+"""The worker's jobs and the file in the run directory that holds each one's resolved config."""
+
+
+def task_from_env(environ: dict[str, str] | None = None) -> str:
+    task = (os.environ if environ is None else environ).get(TASK_ENV, "train")
+    if task not in CONFIG_FILES:
+        raise ValueError(f"{TASK_ENV}={task!r}: use one of {', '.join(CONFIG_FILES)}")
+    return task
 
 
 def make_store(launch: LaunchEnv, timeout_s: float):
@@ -32,13 +47,15 @@ def make_store(launch: LaunchEnv, timeout_s: float):
     )
 
 
-def run_worker(cfg: RunConfig, launch: LaunchEnv, store=None) -> int:
+def run_worker(cfg: RunConfig, launch: LaunchEnv, store=None, task: str = "train") -> int:
+    from vptrain.evaluate import eval_worker
     from vptrain.train import TrainingError, train_worker
 
+    job = eval_worker if task == "eval" else train_worker
     multi = launch.world_size > 1
     heartbeat = Heartbeat.start(cfg.run_dir, launch.rank, cfg.train.collective_timeout_s) if multi else None
     try:
-        train_worker(cfg, launch, store)
+        job(cfg, launch, store)
         _leave(store, launch)
         return 0
     except TrainingError as err:
@@ -80,10 +97,11 @@ def _leave(store, launch: LaunchEnv, timeout_s: float = 30.0) -> None:
 
 
 def run_follower(launch: LaunchEnv, timeout_s: float = 600.0) -> int:
-    """Ranks > 0 under torchrun/srun: wait for rank 0's resolved config, then train with it."""
+    """Ranks > 0 under torchrun/srun: wait for rank 0's task and resolved config, then run it."""
     store = make_store(launch, timeout_s)
+    task = store.get(TASK_KEY).decode()  # rank 0 sets it before the config
     cfg = from_yaml(store.get(CONFIG_KEY).decode())
-    return run_worker(cfg, launch, store)
+    return run_worker(cfg, launch, store, task)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = argv[0]
     launch = external_launch() or LaunchEnv(0, 1, 0, "127.0.0.1", 0)
     under_local_launcher = hold_lifeline(run_dir, launch.rank)  # first: die with the launcher
-    cfg = load(os.path.join(run_dir, "config.yaml"))
+    task = task_from_env()
+    cfg = load(os.path.join(run_dir, CONFIG_FILES[task]))
     lock = None
     if not under_local_launcher and launch.rank == 0:
         # srun/torchrun started the ranks (the batch script of `vptrain submit`): the job's rank 0
@@ -106,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         store = make_store(launch, cfg.train.collective_timeout_s) if launch.world_size > 1 else None
-        return run_worker(cfg, launch, store)
+        return run_worker(cfg, launch, store, task)
     finally:
         if lock is not None:
             lock.release()

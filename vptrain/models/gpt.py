@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vptrain import init
+from vptrain.models.recompute import RecomputedLayer
 from vptrain.models.shape import LayerList, OutputHead, OutputLayer, TransformerShape, token_embedding_rows
 
 
@@ -26,14 +27,18 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(shape.hidden_size, 3 * shape.hidden_size)
         self.proj = nn.Linear(shape.hidden_size, shape.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the output projection: (B, T, C) -> the heads' outputs side by side."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
         v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return y.transpose(1, 2).reshape(B, T, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.core(x))
 
 
 class MLP(nn.Module):
@@ -42,25 +47,36 @@ class MLP(nn.Module):
         self.fc = nn.Linear(shape.hidden_size, 4 * shape.hidden_size)
         self.proj = nn.Linear(4 * shape.hidden_size, shape.hidden_size)
 
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.fc(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(self.activation(x))
 
 
-class Block(nn.Module):
-    """One transformer layer. `index` only names the init stream."""
+class Block(RecomputedLayer):
+    """One transformer layer, its pieces as recompute.py names them (activation checkpointing).
+    `index` only names the init stream."""
 
     def __init__(self, shape: TransformerShape, index: int):
-        super().__init__()
+        super().__init__(shape.activation_checkpointing)
         self.ln_1 = nn.LayerNorm(shape.hidden_size, eps=shape.norm_eps)
         self.attn = CausalSelfAttention(shape)
         self.ln_2 = nn.LayerNorm(shape.hidden_size, eps=shape.norm_eps)
         self.mlp = MLP(shape)
         init.init_module(self, seed=shape.seed, prefix=f"block{index}", std=shape.init_std, proj_std=shape.proj_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def attention_core(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn.core(self.ln_1(x))
+
+    def attention_out(self, y: torch.Tensor) -> torch.Tensor:
+        return self.attn.proj(y)
+
+    def mlp_activation(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp.activation(self.ln_2(h))
+
+    def mlp_out(self, a: torch.Tensor) -> torch.Tensor:
+        return self.mlp.proj(a)
 
 
 class PositionEmbedding(nn.Module):

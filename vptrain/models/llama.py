@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vptrain import init
+from vptrain.models.recompute import RecomputedLayer
 from vptrain.models.shape import LayerList, OutputHead, OutputLayer, TransformerShape, token_embedding_rows
 
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")
@@ -73,7 +74,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.num_kv_heads * hs, bias=False)
         self.o_proj = nn.Linear(self.num_heads * hs, C, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before o_proj: (B, T, C) -> the heads' outputs side by side (B, T, nh * hs)."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -83,7 +85,10 @@ class Attention(nn.Module):
         group = self.num_heads // self.num_kv_heads  # query heads per key/value head, adjacent (HF's repeat_kv)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.core(x))
 
 
 class MLP(nn.Module):
@@ -94,15 +99,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(C, inner, bias=False)
         self.down_proj = nn.Linear(inner, C, bias=False)
 
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.activation(x))
 
 
-class Block(nn.Module):
-    """One transformer layer. `index` only names the init stream."""
+class Block(RecomputedLayer):
+    """One transformer layer, its pieces as recompute.py names them (activation checkpointing).
+    `index` only names the init stream."""
 
     def __init__(self, shape: TransformerShape, index: int):
-        super().__init__()
+        super().__init__(shape.activation_checkpointing)
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
         self.self_attn = Attention(shape)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.norm_eps)
@@ -112,10 +121,17 @@ class Block(nn.Module):
                 std = shape.proj_std if name.endswith(RESIDUAL_PROJECTIONS) else shape.init_std
                 init.normal_(mod.weight, seed=shape.seed, name=f"block{index}.{name}.weight", std=std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x
+    def attention_core(self, x: torch.Tensor) -> torch.Tensor:
+        return self.self_attn.core(self.input_layernorm(x))
+
+    def attention_out(self, y: torch.Tensor) -> torch.Tensor:
+        return self.self_attn.o_proj(y)
+
+    def mlp_activation(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp.activation(self.post_attention_layernorm(h))
+
+    def mlp_out(self, a: torch.Tensor) -> torch.Tensor:
+        return self.mlp.down_proj(a)
 
 
 class InputEmbedding(nn.Module):

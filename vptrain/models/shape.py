@@ -37,6 +37,7 @@ class TransformerShape:
     num_kv_heads: int = 0  # llama: grouped-query attention (0: num_heads)
     intermediate_size: int = 0  # llama: SwiGLU width
     rope_theta: float = DEFAULT_ROPE_THETA  # llama
+    activation_checkpointing: str = "none"  # none | full | selective: what each layer recomputes (recompute.py)
 
     @property
     def proj_std(self) -> float:

@@ -20,9 +20,9 @@ Bytes per rank:
   gradients    4 bytes per parameter (fp32 accumulation, as DeepSpeed's bf16 optimizer keeps them)
   optimizer    AdamW: 2 fp32 moments (8 B) plus an fp32 master copy under bf16 (4 B); SGD: master only;
                divided by dp under ZeRO-1
-  activations  per in-flight microbatch and layer (16*N*h + N*h for the chunk input) elements of the
-               activation dtype: LN inputs, qkv input, q/k/v, attention output (12 Nh) and the MLP's
-               4h-wide input and GELU output (8 Nh); flash attention keeps no s^2 scores
+  activations  per in-flight microbatch, what each layer keeps under model.activation_checkpointing
+               (gpt none: 16*N*h) plus the chunk's output N*h; recompute adds its forward FLOPs to B
+               and one layer's rebuilt activations transiently (activations.py)
   vocabulary   baseline loss stage: fp32 logits N*V*4 per in-flight microbatch; vocab methods: every
                buffer of every microbatch timed over the schedule (vocab_buffer_sizes, memory.py)
 """
@@ -32,18 +32,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vptrain.schedule.activations import (  # noqa: F401 (activation_bytes, recompute_transient_bytes re-exported)
+    activation_bytes,
+    recompute_flops,
+    recompute_transient_bytes,
+)
 from vptrain.schedule.efficiency import gemm_efficiency, pass_seconds
 from vptrain.schedule.ir import PassKind
-from vptrain.schedule.memory import VocabBufferSizes
 from vptrain.schedule.network import PATTERN_SHARE, pipeline_groups
 from vptrain.schedule.planner import NominalCosts
 from vptrain.schedule.profiles import DeviceProfile, device_profile  # noqa: F401 (re-exported: callers import them from here)
 from vptrain.schedule.rules import method_rules
 from vptrain.schedule.simulate import PassCosts
+from vptrain.schedule.vocab_bytes import ALGORITHM_2, vocab_buffer_bytes, vocab_buffer_sizes  # noqa: F401 (re-exported)
 
 K = PassKind
 LOSS_FLOPS_PER_LOGIT = 8.0
-ALGORITHM_2 = ("vocab-2",)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class ModelShape:
     """llama: key/value width, kv heads * head size (0: hidden)."""
     intermediate: int = 0
     """llama: SwiGLU width."""
+    recompute: str = "none"
+    """model.activation_checkpointing: none | full | selective (activations.py)."""
 
     @property
     def tokens(self) -> int:
@@ -199,9 +205,15 @@ def pass_costs(
     # GPU profiles: efficiency from each pass's GEMM shape (efficiency.py); cpu: the flat constant.
     sharded = method not in ("baseline", "redis")
     rows = [m.vocab_rows // p if sharded else (m.vocab_rows if r == loss_place[0] else 0) for r in range(p)]
-    seconds = pass_seconds(flops, tokens=m.tokens, hidden=m.hidden, layer_flops=layer_flops(m),
-                           chunk_layers=chunk_layers, output_rows=rows, peak=device.peak_flops[precision],
-                           flat_efficiency=device.efficiency, curves=gemm_efficiency(device.name, precision))
+    rates = dict(tokens=m.tokens, hidden=m.hidden, layer_flops=layer_flops(m), chunk_layers=chunk_layers,
+                 output_rows=rows, peak=device.peak_flops[precision], flat_efficiency=device.efficiency,
+                 curves=gemm_efficiency(device.name, precision))
+    seconds = pass_seconds(flops, **rates)
+    if m.recompute != "none":  # B first re-runs (part of) each layer's forward, at the layer GEMMs' rate
+        redo = pass_seconds([{(K.F, c): n * recompute_flops(m) for c, n in enumerate(layers)}
+                             for layers in chunk_layers], **rates)
+        seconds = tuple({(kind, c): t + (redo[r][(K.F, c)] if kind is K.B else 0.0) for (kind, c), t in table.items()}
+                        for r, table in enumerate(seconds))
     # The overlapped methods' F and B share the device with their side-stream collectives: each rank's
     # F and B of one microbatch stretch, in proportion to their length, by the collectives' traffic.
     extra = device.overlap_s_per_byte * overlapped_collective_bytes(m, method, p)
@@ -264,14 +276,6 @@ def nominal_costs(costs: PassCosts) -> NominalCosts:
                         p2p=communication(costs.p2p), collective=tuple(x for x in collective if x[1] > 0))
 
 
-def activation_bytes(m: ModelShape, layers: int) -> float:
-    """Activations one in-flight microbatch keeps on a chunk of `layers` transformer layers."""
-    if m.arch == "llama":  # the GPT's 8h attention share with narrower k/v; gate, up, SiLU and product: 4I
-        per_layer = 8.0 * m.hidden - 2.0 * (m.hidden - (m.kv_dim or m.hidden)) + 4.0 * m.intermediate
-        return (per_layer * layers + m.hidden) * m.tokens * m.act_bytes
-    return (16.0 * layers + 1.0) * m.tokens * m.hidden * m.act_bytes
-
-
 def parameter_count(
     m: ModelShape, *, layers: int, embedding_rows: int, output_rows: int, positions: bool, final_norm: bool
 ) -> int:
@@ -290,51 +294,6 @@ def state_bytes(params: int, *, precision: str, optimizer: str, zero_stage: int,
     moments = 8.0 if optimizer == "adamw" else 0.0
     shard = dp if zero_stage >= 1 else 1
     return {"params": params * weight, "grads": params * 4.0, "optimizer": params * (master + moments) / shard}
-
-
-def vocab_buffer_sizes(
-    m: ModelShape, *, method: str, p: int, store_softmax: bool = True
-) -> tuple[VocabBufferSizes, ...]:
-    """Bytes of every vocabulary buffer of one microbatch, per rank: what the engine allocates
-    (vptrain/vocab, vptrain/engine/vocab_passes.py), for memory.vocab_live_bytes to time.
-
-    N tokens, h hidden, a activation bytes (the tables are in the same dtype), R the rank's real
-    rows: X, the embedding and its gradient N*h*a; ∇X, A_r, G_r N*h fp32; the softmax N*R fp32;
-    g and each statistic N fp32; S's masks and ids N*(1 + 1 + 8) plus its N fp32 statistics (two,
-    three with a local sum); alg1/alg2 gather 3 statistics from p ranks (plus their own 3 in flight).
-    """
-    n, h, a = m.tokens, m.hidden, m.act_bytes
-    naive = method in ("vocab-naive", "interlaced")
-    alg2 = method in ALGORITHM_2
-    per_rank = m.vocab_rows // p
-    sizes = []
-    for rank in range(p):
-        real = max(0, min(m.vocab, (rank + 1) * per_rank) - rank * per_rank)
-        sizes.append(VocabBufferSizes(
-            x=n * h * a,
-            pass_state=n * (1 + 1 + 8 + 4 + 4 + (0 if naive else 4)),
-            softmax=n * real * 4 if store_softmax else 0,
-            a_local=n * h * 4 if alg2 else 0,
-            target_rows=n * h * 4 if alg2 else 0,
-            stats_in_flight=0 if naive else (3 + 3 * p) * n * 4,
-            global_max=n * 4,
-            global_sum_target=2 * n * 4,
-            g=n * 4,
-            grad_x=0 if alg2 else n * h * 4,
-            embedding=n * h * a,
-            grad_embedding=n * h * a,
-        ))
-    return tuple(sizes)
-
-
-def vocab_buffer_bytes(m: ModelShape, *, method: str, p: int, in_flight_vocab: int, loss_in_flight: int) -> float:
-    """Output-layer buffers beyond the transformer activations (see the module docstring)."""
-    if method in ("baseline", "redis"):
-        return float(loss_in_flight) * m.tokens * m.vocab_rows * 4.0
-    per = m.tokens * (m.vocab_rows // p) * 4.0 + m.tokens * (m.hidden + 1) * 4.0
-    if method in ALGORITHM_2:
-        per += 2.0 * m.tokens * m.hidden * 4.0
-    return in_flight_vocab * per
 
 
 CHUNK_TRANSIENT_SHARE = 1 / 16
