@@ -59,6 +59,20 @@ def load_params(run_dir: Path) -> dict:
     return params
 
 
+def validated_config(**overrides):
+    """A RunConfig from dotted overrides (`**{"layout.pp": 2}`), validated as the CLI would."""
+    from omegaconf import OmegaConf
+
+    from vptrain.config import RunConfig
+    from vptrain.validate import validate
+
+    dotlist = [f"{k}={v}" for k, v in overrides.items()]
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.from_dotlist(dotlist), {"run_dir": "x"})
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -104,10 +104,10 @@ def save(cfg: RunConfig, trainer, *, step: int, losses: list[float], wandb_run_i
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f)
             _sync_file(f)
-        _sync_dir(tmp)
+        sync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _sync_dir(root)
+        sync_dir(root)
         _write_atomic(os.path.join(root, "latest"), name)
         _prune(root, keep=KEEP)
     _barrier()
@@ -319,7 +319,7 @@ def _sync_file(f) -> None:
     os.fsync(f.fileno())
 
 
-def _sync_dir(path: str) -> None:
+def sync_dir(path: str) -> None:
     """Make a rename or a new entry in `path` durable (POSIX needs the directory itself fsynced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -334,7 +334,7 @@ def _write_atomic(path: str, text: str) -> None:
         f.write(text)
         _sync_file(f)
     os.replace(tmp, path)
-    _sync_dir(os.path.dirname(path))
+    sync_dir(os.path.dirname(path))
 
 
 def _listdir(root: str) -> list[str]:

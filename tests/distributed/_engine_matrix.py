@@ -9,6 +9,8 @@ wait. What a case records is up to its "kind":
   also trains the single-process reference (layout.pp=1) and saves it;
 - "memory" (_memory_matrix.py, test_vocab_memory.py): the vocabulary bytes each rank holds
   between actions, and the plan's prediction;
+- "eval" (test_eval.py, in a group of its own): losses, eval losses and parameters with and
+  without evaluation;
 - "strict" (_strict_cases.py, test_strict_order.py): losses and checks of the strict
   communication-order checker, on the validated schedule or on a mutant of it.
 
@@ -37,7 +39,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-KIND_MODULES = {"memory": "_memory_matrix", "strict": "_strict_cases"}  # the kinds not defined here
+# The kinds not defined here; "eval" cases come from test_eval.py's own group.
+KIND_MODULES = {"memory": "_memory_matrix", "strict": "_strict_cases", "eval": "test_eval"}
 
 
 def make_config(overrides: dict, run_dir: str):

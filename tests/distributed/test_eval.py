@@ -1,6 +1,6 @@
 """Evaluation (vptrain/evaluate.py) is exact in every layout and leaves training untouched.
 
-One group of 4 CPU processes (this file run as a script, like _engine_matrix.py) takes every case
+One group of 4 CPU processes (_engine_matrix.py, handing each "eval" case to run_case here) takes every case
 in turn: it trains the case's layout twice from the same seed, once plainly and once with an eval
 after every step, then reloads the final checkpoint into a fresh trainer and evaluates again.
 The tests hold
@@ -13,8 +13,6 @@ The tests hold
 Then the CLI: `vptrain train train.eval_every=...` logs eval/loss and trains the same losses as
 the group's plain run of that config, and `vptrain eval train.resume=auto` writes eval.json with
 the loss its training run logged last.
-
-    python tests/distributed/test_eval.py CASES.json OUT_DIR WORLD      (the group; started by the tests)
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +34,7 @@ import torch
 pytestmark = pytest.mark.distributed
 
 WORLD = 4
+MATRIX_SCRIPT = Path(__file__).resolve().parent / "_engine_matrix.py"
 S, V = 16, 509  # V not divisible by pp: padded rows exist
 SGD = {"optim.name": "sgd", "optim.lr": 0.5, "optim.min_lr": 0.5, "optim.warmup_steps": 0, "optim.decay": "constant"}
 RTOL = 1e-5  # fp32 eval against the fp64 recompute
@@ -138,33 +136,6 @@ def run_case(index: int, case: dict, out_dir: str, rank: int, store) -> None:
         gc.collect()
 
 
-def main() -> int:
-    import traceback
-
-    import torch.distributed as dist
-
-    cases_path, out_dir, world = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    rank = int(os.environ["RANK"])
-    torch.set_num_threads(1)
-    cases = json.load(open(cases_path))
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
-                          is_master=rank == 0, timeout=timedelta(seconds=300))
-    for i, c in enumerate(cases):
-        start = time.perf_counter()
-        try:
-            run_case(i, c, out_dir, rank, store)
-        except Exception:  # noqa: BLE001 - recorded for the test; one broken case must not hide the others
-            os.makedirs(os.path.join(out_dir, f"case{i}"), exist_ok=True)
-            Path(out_dir, f"case{i}", f"error_rank{rank}.txt").write_text(traceback.format_exc())
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        store.add(f"done{i}", 1)  # every rank finishes case i before any starts case i + 1
-        while int(store.add(f"done{i}", 0)) < world:
-            time.sleep(0.01)
-        print(f"case {c['name']}: {time.perf_counter() - start:.1f} s", flush=True)
-    return 0
-
-
 # --- the reference: one unpartitioned fp64 model ------------------------------------------------------
 
 
@@ -215,14 +186,16 @@ def group(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("eval-group")
     biggest = max(c["overrides"]["eval.sequences"] for c in CASES)
     eval_path = write_token_file(str(out / "eval.bin"), eval_tokens(biggest))
-    cases = [{**c, "overrides": {**c["overrides"], "data.eval_path": eval_path}} for c in CASES]
+    # Run by _engine_matrix.py, which hands each "eval" case to this module's run_case.
+    cases = [{**c, "kind": "eval", "overrides": {**c["overrides"], "data.eval_path": eval_path}} for c in CASES]
     (out / "cases.json").write_text(json.dumps(cases))
     port = str(free_port())
     procs = []
     for r in range(WORLD):
         env = cli_env(RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out / "cases.json"), str(out), str(WORLD)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        argv = [sys.executable, str(MATRIX_SCRIPT), str(out / "cases.json"), str(out), str(WORLD)]
+        procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
     try:
         logs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
@@ -351,8 +324,3 @@ def test_vptrain_eval_of_a_hugging_face_llama_gives_the_loss_transformers_comput
     result = json.loads((run / "eval.json").read_text())
     assert result["init_from"] == f"hf:{model_dir}" and result["checkpoint"] is None
     assert result["loss"] == pytest.approx(want, rel=1e-5)
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.exit(main())

@@ -10,7 +10,7 @@ import gc
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import validated_config
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -38,11 +38,7 @@ ARCHS = {"gpt": {}, "llama": LLAMA}
 
 
 def _cfg(**overrides) -> RunConfig:
-    dotlist = [f"{k}={v}" for k, v in overrides.items()]
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.from_dotlist(dotlist), {"run_dir": "x"})
-    cfg = OmegaConf.to_object(merged)
-    validate(cfg)
-    return cfg
+    return validated_config(**overrides)
 
 
 def _train(cfg: RunConfig, steps: int = 2) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

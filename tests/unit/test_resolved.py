@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import validated_config
 
 from vptrain.config import RunConfig, padded_vocab_size
 from vptrain.engine.common import gpt_shape
@@ -17,17 +17,12 @@ from vptrain.model import GPT, layer_list, output_weight_rows, token_embedding_r
 from vptrain.plan import make_plan, plan_dict, planned_schedule
 from vptrain.resolved import resolve, resolve_layout
 from vptrain.schedule import format_schedule
-from vptrain.validate import validate
 from vptrain.vocab import VocabShard
 from vptrain.wandb_logger import run_config
 
 
 def _cfg(**overrides) -> RunConfig:
-    dotlist = [f"{k}={v}" for k, v in overrides.items()]
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.from_dotlist(dotlist), {"run_dir": "x"})
-    cfg = OmegaConf.to_object(merged)
-    validate(cfg)
-    return cfg
+    return validated_config(**overrides)
 
 
 SMALL = {"model.hidden_size": 16, "model.num_heads": 2, "model.seq_len": 8, "train.global_batch_size": 8}

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from vptrain.checkpoint import CheckpointError, is_complete, read_meta
+from vptrain.checkpoint import CheckpointError, is_complete, read_meta, sync_dir
 from vptrain.hf.config_json import hf_config
 from vptrain.hf.load import INDEX, SINGLE
 from vptrain.hf.names import HFTensor, hf_tensor
@@ -151,7 +151,7 @@ def write_hf_model(out_dir: str, tensors: dict[str, torch.Tensor] | Iterable[tup
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above): rename needs it gone or empty
         os.replace(tmp, out_dir)
-        _fsync_dir(parent)
+        sync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -189,14 +189,6 @@ def _write_shards(tmp: str, items: Iterable[tuple[str, torch.Tensor]], max_shard
         total += os.path.getsize(os.path.join(tmp, final))
     with open(os.path.join(tmp, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def export(run_dir: str, out_dir: str, *, step: int | None = None,
