@@ -1,8 +1,9 @@
 """Where a run's first weights come from: vptrain's seeded initialisation, or `model.init_from`.
 
 Every trainer calls `apply_init_from` after building its stage (seeded weights in place) and
-before building the optimizer, so the optimizer, DeepSpeed's fp32 master copies and the bf16 cast
-all start from the imported values.
+before building the optimizer, so the optimizer and the bf16 cast start from the imported values;
+under bf16 the pipeline trainers then call `restore_fp32_masters`, because DeepSpeed builds its fp32
+master weights from the already-cast module.
 
 Each rank records what it read in run_dir/init_from/rank_<r>.json (tensor names and row ranges),
 so anyone can check that no rank read a whole vocabulary table it does not hold."""
