@@ -13,9 +13,11 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from vptrain.schedule.kinds import SCHEDULE_NAMES
+
 METHODS = ("baseline", "redis", "interlaced", "vocab-naive", "vocab-1", "vocab-2")
 VOCAB_METHODS = ("interlaced", "vocab-naive", "vocab-1", "vocab-2")
-SCHEDULES = ("1f1b", "vhalf")
+SCHEDULES = SCHEDULE_NAMES  # one table: vptrain/schedule/kinds.py
 PRECISIONS = ("fp32", "bf16")
 ARCHS = ("gpt", "llama")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
@@ -80,7 +82,7 @@ class MethodConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "1f1b"
-    """1f1b | vhalf"""
+    """One of kinds.SCHEDULE_NAMES: 1f1b | zb-h1 | vhalf (vptrain/schedule/kinds.py)."""
 
 
 @dataclass

@@ -25,7 +25,6 @@ from vptrain.schedule import (
     PassKind,
     Schedule,
     SimResult,
-    format_schedule,
     render_ascii,
     render_png,
     simulate,
@@ -39,6 +38,7 @@ from vptrain.schedule.costs import (
     state_bytes,
     vocab_buffer_bytes,
 )
+from vptrain.schedule.kinds import schedule_kind
 from vptrain.schedule.memo import ScheduleMemo
 
 MEMORY_KINDS = ("params", "grads", "optimizer", "activations", "vocab_buffers")
@@ -107,7 +107,8 @@ def make_plan(cfg: RunConfig, *, memo: ScheduleMemo | None = None) -> Plan:
     chunk_layers = [r.layers for r in lay.ranks]
     sim = simulate(schedule, costs, rules=resolved.rules)
     loss_place = lay.stages.loss_place
-    flops = pass_flops(shape, method=cfg.method.name, p=p, chunk_layers=chunk_layers, loss_place=loss_place)
+    flops = pass_flops(shape, method=cfg.method.name, p=p, chunk_layers=chunk_layers, loss_place=loss_place,
+                       split=schedule_kind(cfg.schedule.name).split_backward)
     loss_rank, loss_chunk = loss_place
     out, warnings = [], []
     for r, rank in enumerate(lay.ranks):
@@ -163,7 +164,7 @@ def run_plan(cfg: RunConfig, flags: list[str] | None = None) -> int:
     plan = make_plan(cfg)
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, "schedule.txt"), "w") as f:
-        f.write(format_schedule(plan.schedule))
+        f.write(plan.resolved.schedule_text())
     with open(os.path.join(cfg.run_dir, "plan.json"), "w") as f:
         json.dump(plan_dict(plan), f, indent=1)
     render_png(plan.schedule, plan.sim, os.path.join(cfg.run_dir, "schedule.png"))

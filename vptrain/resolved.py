@@ -36,6 +36,7 @@ from vptrain.schedule.costs import (
     pass_costs,
     vocab_layer_units,
 )
+from vptrain.schedule.kinds import schedule_kind
 from vptrain.schedule.memo import ScheduleMemo
 from vptrain.schedule.rules import StageMap
 
@@ -94,10 +95,17 @@ class ResolvedPlan:
     def rank(self, pp_rank: int) -> RankLayout:
         return self.layout.ranks[pp_rank]
 
+    def schedule_text(self) -> str:
+        """schedule.txt: format_schedule's text with, after its metadata line, one comment line per rank
+        naming the stages its chunks hold (`# rank 0: stages 0, 7`); parse_schedule skips comments."""
+        lines = format_schedule(self.schedule).splitlines()
+        held = [f"# rank {r.pp_rank}: stages {', '.join(str(s) for s in r.stages)}" for r in self.layout.ranks]
+        return "\n".join(lines[:2] + held + lines[2:]) + "\n"
+
     def summary(self) -> dict:
         """The plan in a few JSON values (plan.json's "resolved", W&B's config "plan")."""
         lay, cfg = self.layout, self.cfg
-        text = format_schedule(self.schedule)
+        text = self.schedule_text()
         return {
             "method": cfg.method.name,
             "schedule": cfg.schedule.name,
@@ -184,7 +192,7 @@ def _rank_layouts(stages: StageMap, per_stage: list[int], vocab: VocabShards) ->
 def resolve_layout(cfg: RunConfig) -> ResolvedLayout:
     """The layout part of the plan (no schedule): layers, rank map, vocabulary shards."""
     pp, dp = cfg.layout.pp, cfg.layout.dp
-    stages = StageMap(pp, cfg.schedule.name)
+    stages = StageMap(pp, cfg.schedule.name, getattr(cfg.schedule, "virtual_stages", 0))
     vocab = vocab_shards(cfg)
     shape = _shape(cfg, vocab)
     per_stage = _stage_layers(cfg, stages, shape)
@@ -207,6 +215,7 @@ def layout_pass_costs(cfg: RunConfig, layout: ResolvedLayout) -> PassCosts:
         device=device_profile(cfg.cluster.profile, devices_per_node=cfg.cluster.gpus_per_node),
         store_softmax=cfg.vocab.store_softmax,
         groups=[[c.rank for c in layout.rank_map if c.dp == d] for d in range(cfg.layout.dp)],
+        split=schedule_kind(cfg.schedule.name).split_backward,
     )
 
 
@@ -228,6 +237,6 @@ def resolve(cfg: RunConfig, *, check_deadlock: bool = True, memo: ScheduleMemo |
                                          nominal_costs(costs), check_deadlock=check_deadlock)
         return ResolvedPlan(cfg=cfg, layout=layout, costs=costs, schedule=schedule, rules=rules)
     schedule = costed_schedule(cfg, costs)
-    rules = ScheduleRules.of(method=schedule.method, name=schedule.name, p=schedule.p)
+    rules = ScheduleRules.of(method=schedule.method, name=schedule.name, p=schedule.p, chunks=schedule.chunks)
     validate_schedule(schedule, check_deadlock=check_deadlock, rules=rules)
     return ResolvedPlan(cfg=cfg, layout=layout, costs=costs, schedule=schedule, rules=rules)

@@ -23,6 +23,7 @@ from vptrain.config import RunConfig, microbatches
 from vptrain.layout import model_shape, rank_layouts, stage_map
 from vptrain.schedule import PassKind
 from vptrain.schedule.costs import activation_bytes, device_profile, parameter_count, pass_costs, state_bytes
+from vptrain.schedule.kinds import schedule_kind
 
 K = PassKind
 SYNCHRONOUS = (K.X_BCAST, K.MAX, K.SUM, K.G_BCAST, K.DX_REDUCE, K.EMB_REDUCE, K.DEMB_BCAST)
@@ -54,9 +55,10 @@ def estimate(cfg: RunConfig) -> Estimate:
     method, p, m = cfg.method.name, cfg.layout.pp, microbatches(cfg)
     shape, ranks, stages = model_shape(cfg), rank_layouts(cfg), stage_map(cfg)
     device = device_profile(cfg.cluster.profile)
+    kind = schedule_kind(cfg.schedule.name)
     costs = pass_costs(
         shape, method=method, p=p, chunk_layers=[r.layers for r in ranks], loss_place=stages.loss_place,
-        precision=cfg.precision, device=device, store_softmax=cfg.vocab.store_softmax,
+        precision=cfg.precision, device=device, store_softmax=cfg.vocab.store_softmax, split=kind.split_backward,
     )
     per_mb = [sum(table.values()) for table in costs.compute]
     pipeline = (m - 1) * max(per_mb) + sum(per_mb) + 2 * (p - 1) * costs.p2p
@@ -72,8 +74,9 @@ def estimate(cfg: RunConfig) -> Estimate:
         state = sum(state_bytes(params, precision=cfg.precision, optimizer=cfg.optim.name,
                                 zero_stage=cfg.optim.zero_stage, dp=cfg.layout.dp).values())
         rows = lay.output_rows[1] - lay.output_rows[0]
-        if cfg.schedule.name == "vhalf":
-            in_flight = min(m, round(0.7 * p) + EXTRA_IN_FLIGHT.get(method, 0))
+        if kind.placement == "v":  # V-Half: about 0.7 p chunks-worth with B whole, half of p with B / W
+            share = 0.5 if kind.split_backward else 0.7
+            in_flight = min(m, round(share * p) + EXTRA_IN_FLIGHT.get(method, 0))
             act = in_flight * sum(activation_bytes(shape, n) for n in lay.layers)
         else:
             total = 3 * p // 2 - r if method == "interlaced" else p - r + EXTRA_IN_FLIGHT.get(method, 0)

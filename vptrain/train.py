@@ -91,6 +91,8 @@ def build_trainer(cfg: RunConfig, device: torch.device, rank: int, plan: Resolve
 
         return SingleProcessTrainer(cfg, device=device, dp_rank=rank, plan=plan)
     if cfg.method.name in ("baseline", "redis") and cfg.schedule.name == "1f1b":
+        # DeepSpeed's own 1F1B engine; every other schedule of the plain methods (zb-h1, vhalf: a
+        # split backward) runs on ours, as the vocabulary methods do.
         from vptrain.engine.pipeline import PipelineTrainer
 
         return PipelineTrainer(cfg, device=device, plan=plan)

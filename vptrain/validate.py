@@ -11,13 +11,11 @@ import os
 
 from vptrain.config import ACTIVATION_CHECKPOINTING, ARCHS, METHODS, PRECISIONS, SCHEDULES, VOCAB_METHODS, RunConfig
 from vptrain.schedule.costs import device_profile
+from vptrain.schedule.kinds import SCHEDULE_KINDS, schedule_kind
 from vptrain.validate_ranges import check_ranges
 
-# Which methods each schedule can run (the paper's comparison set).
-SCHEDULE_METHODS = {
-    "1f1b": METHODS,
-    "vhalf": ("baseline", "vocab-naive", "vocab-1", "vocab-2"),
-}
+# Which methods each schedule can run: one table, vptrain/schedule/kinds.py.
+SCHEDULE_METHODS = {name: kind.methods for name, kind in SCHEDULE_KINDS.items()}
 
 
 def _fail(key: str, msg: str) -> None:
@@ -33,11 +31,18 @@ def validate(cfg: RunConfig, *, world_size: int | None = None) -> None:
         _fail("method", f"unknown method '{cfg.method.name}'; choose one of {', '.join(METHODS)}")
     if cfg.schedule.name not in SCHEDULES:
         _fail("schedule", f"unknown schedule '{cfg.schedule.name}'; choose one of {', '.join(SCHEDULES)}")
-    if cfg.method.name not in SCHEDULE_METHODS[cfg.schedule.name]:
+    kind = schedule_kind(cfg.schedule.name)
+    if cfg.method.name not in kind.methods:
         _fail(
             "method",
             f"method={cfg.method.name} does not run on schedule={cfg.schedule.name}; "
-            f"with vhalf use one of {', '.join(SCHEDULE_METHODS['vhalf'])}",
+            f"with {kind.name} use one of {', '.join(kind.methods)}",
+        )
+    if kind.split_backward and m.activation_checkpointing != "none":
+        _fail(
+            "model.activation_checkpointing",
+            f"{m.activation_checkpointing} does not combine with schedule={kind.name}: recompute re-runs per "
+            "autograd call, so B and W would each recompute; use schedule=1f1b or activation_checkpointing=none",
         )
     if cfg.precision not in PRECISIONS:
         _fail("precision", f"'{cfg.precision}' is not supported; use fp32 or bf16")
@@ -47,9 +52,9 @@ def validate(cfg: RunConfig, *, world_size: int | None = None) -> None:
     pos = m.max_position_embeddings
     if pos is not None and pos < m.seq_len:
         _fail("model.max_position_embeddings", f"{pos} < model.seq_len={m.seq_len}; raise it or leave it null")
-    chunks = 2 if cfg.schedule.name == "vhalf" else 1
+    chunks = _chunks(cfg)
     if m.num_layers < lay.pp * chunks:
-        what = "2 * layout.pp (two chunks per rank in V-Half)" if chunks == 2 else "layout.pp"
+        what = f"{chunks} * layout.pp ({chunks} chunks per rank in {kind.name})" if chunks > 1 else "layout.pp"
         _fail("model.num_layers", f"{m.num_layers} layers cannot fill {what} = {lay.pp * chunks} stages")
     if m.vocab_size < lay.pp:
         _fail("model.vocab_size", f"{m.vocab_size} < layout.pp={lay.pp}; every stage needs vocabulary rows")
@@ -138,6 +143,12 @@ def _check_arch(cfg: RunConfig) -> None:
               "must be even for rotary embeddings; change model.num_heads or model.hidden_size")
 
 
+def _chunks(cfg: RunConfig) -> int:
+    """Model chunks per rank of cfg's schedule (kinds.ScheduleKind.chunks)."""
+    virtual = getattr(cfg.schedule, "virtual_stages", 2)
+    return schedule_kind(cfg.schedule.name).chunks(virtual)
+
+
 def _check_layers_per_stage(cfg: RunConfig) -> None:
     lps = cfg.layout.layers_per_stage
     if lps is None:
@@ -149,8 +160,9 @@ def _check_layers_per_stage(cfg: RunConfig) -> None:
             "layout.layers_per_stage",
             f"sums to {sum(lps)} but model.num_layers={cfg.model.num_layers}; the counts must add up",
         )
-    if cfg.schedule.name == "vhalf":
-        _fail("layout.layers_per_stage", "V-Half splits layers evenly over 2 * pp chunks; leave it null")
+    if _chunks(cfg) > 1:
+        _fail("layout.layers_per_stage",
+              f"schedule={cfg.schedule.name} splits layers evenly over {_chunks(cfg)} * pp chunks; leave it null")
     # The first and last stage also hold the embedding / output layer under baseline and redis,
     # so they may hold zero transformer layers; every other stage needs at least one.
     holds_vocab = cfg.method.name in ("baseline", "redis")
@@ -170,11 +182,12 @@ def _check_batch(cfg: RunConfig) -> None:
         )
     m = t.global_batch_size // (t.micro_batch_size * dp)
     p = cfg.layout.pp
-    if cfg.schedule.name == "vhalf" and m < 2 * p:
+    chunks = _chunks(cfg)
+    if chunks > 1 and m < chunks * p:  # every chunk of the first rank runs a forward before any backward
         _fail(
             "train.global_batch_size",
-            f"V-Half needs at least 2 * layout.pp = {2 * p} microbatches per pipeline, got {m}; "
-            f"raise it to {2 * p * t.micro_batch_size * dp}",
+            f"schedule={cfg.schedule.name} needs at least {chunks} * layout.pp = {chunks * p} microbatches per "
+            f"pipeline, got {m}; raise it to {chunks * p * t.micro_batch_size * dp}",
         )
 
 

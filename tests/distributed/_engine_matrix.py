@@ -12,7 +12,9 @@ wait. What a case records is up to its "kind":
 - "eval" (test_eval.py, in a group of its own): losses, eval losses and parameters with and
   without evaluation;
 - "strict" (_strict_cases.py, test_strict_order.py): losses and checks of the strict
-  communication-order checker, on the validated schedule or on a mutant of it.
+  communication-order checker, on the validated schedule or on a mutant of it;
+- "resume" (test_split_backward.py): an uninterrupted run against one saved after step k and
+  resumed in fresh trainers, on the split-backward schedules.
 
 A case that raises on a rank leaves error_rank{rank}.txt in its folder and the next case runs;
 the exit status is 0 once every case has run.
@@ -40,7 +42,8 @@ import torch
 import torch.distributed as dist
 
 # The kinds not defined here; "eval" cases come from test_eval.py's own group.
-KIND_MODULES = {"memory": "_memory_matrix", "strict": "_strict_cases", "eval": "test_eval"}
+KIND_MODULES = {"memory": "_memory_matrix", "strict": "_strict_cases", "eval": "test_eval",
+                "resume": "test_split_backward"}
 
 
 def make_config(overrides: dict, run_dir: str):
@@ -174,6 +177,8 @@ def case_runner(kind: str) -> Callable[..., None]:
 
 def main() -> int:
     cases_path, out_dir, world = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # A kind's module may be a test module, which imports tests/conftest.py as pytest would let it.
+    sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     cases = json.load(open(cases_path))

@@ -1,12 +1,12 @@
 """Run the engine case matrices of a test session in ONE group of spawned CPU processes.
 
-test_vocab_engine.py, test_baseline.py, test_vocab_memory.py, test_strict_order.py and
-test_plan_is_what_runs.py each declare a `MATRIX`: cases of one kind that _engine_matrix.py trains
-on `world` gloo ranks. Starting torch + deepspeed costs seconds per process, so the first of those
-modules to ask for its results (run_matrix, from a module-scoped fixture) runs the cases of every
-module collected in the session whose matrix has the same world size, in one group, one case after
-the other; each module then reads its own results, by case name. Run alone, a module runs only its
-own cases.
+test_vocab_engine.py, test_baseline.py, test_vocab_memory.py, test_strict_order.py,
+test_plan_is_what_runs.py and test_split_backward.py each declare a `MATRIX`: cases of one kind
+that _engine_matrix.py trains on `world` gloo ranks. Starting torch + deepspeed costs seconds per
+process, so the first of those modules to ask for its results (run_matrix, from a module-scoped
+fixture) runs the cases of every module collected in the session whose matrix has the same world
+size, in one group, one case after the other; each module then reads its own results, by case
+name. Run alone, a module runs only its own cases.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from vptrain.launch.local import free_port
 
 @dataclass(eq=False)  # compared (and hashed) by identity: one per test module
 class Matrix:
-    kind: str  # what _engine_matrix.py does with each case: "equivalence", "memory" or "strict"
+    kind: str  # what _engine_matrix.py does with each case: "equivalence", "memory", "strict", "resume", ...
     cases: list[dict]  # each with a unique "name" and the "overrides" of its configuration
     timeout_s: float  # for all its cases; a group running several matrices waits the sum
     world: int = 4

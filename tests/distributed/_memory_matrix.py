@@ -8,10 +8,15 @@ reference keeps alive is counted, not what the code means to hold. Parameters an
 gradients are excluded (they are counted as parameters), and so are the pipeline's own received
 gradients ("recv_grad": activation memory). Each rank also writes the plan's prediction for it,
 made by the functions `vptrain plan` uses.
+
+Every step also runs inside an ActivationMeter (vptrain/engine/activation_meter.py): the bytes
+autograd saves plus the pipeline's own buffers, at their peak, by the instruction that saved them,
+beside the plan's activation figure for the rank (test_activation_memory.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import types
@@ -19,7 +24,7 @@ import types
 import torch
 from _engine_matrix import train_case
 
-PIPELINE_KEYS = ("recv_grad",)
+PIPELINE_KEYS = ("recv_grad", "weight_work")  # activation memory (W's kept gradients: the meter)
 
 
 def reachable_bytes(root: object, excluded: set[int]) -> int:
@@ -70,23 +75,54 @@ def predicted(cfg, stage: int) -> dict:
     from vptrain.schedule.memory import vocab_live_bytes
 
     plan = make_plan(cfg)
+    rank = plan.stages[stage]
+    activations = {"plan_activation_bytes": rank.memory["activations"], "plan_in_flight": rank.peak_in_flight,
+                   "plan_layers": list(rank.layout.layers)}
+    if cfg.method.name in ("baseline", "redis"):  # no vocabulary buffers outside the one-shard loss
+        return {**activations, "actions": [str(a) for a in plan.schedule.ranks[stage]]}
     sizes = vocab_buffer_sizes(model_shape(cfg), method=cfg.method.name, p=cfg.layout.pp,
                                store_softmax=cfg.vocab.store_softmax)
     live = vocab_live_bytes(plan.schedule, sizes)[stage]
     return {"live": list(live), "plan_vocab_bytes": plan.stages[stage].memory["vocab_buffers"],
-            "actions": [str(a) for a in plan.schedule.ranks[stage]]}
+            "actions": [str(a) for a in plan.schedule.ranks[stage]], **activations}
+
+
+class _Only:
+    def __init__(self, buffers, key):
+        self.pipe_buffers = {k: v for k, v in buffers.items() if k == key}
+
+
+def metered(trainer, reports: list[dict]) -> None:
+    """Run each of trainer's steps inside an activation meter; one report per step into `reports`."""
+    from vptrain.engine.activation_meter import meter_for, pipeline_buffers
+
+    meter, step = meter_for(trainer, record=True), trainer.train_step
+
+    def train_step(micro):
+        meter.exclude(t for pair in micro for t in pair)  # the batch is data, not activations
+        with meter:
+            result = step(micro)
+        buffers = trainer.engine.pipe_buffers
+        left = {k: [list(t.shape) for t in pipeline_buffers(_Only(buffers, k))] for k in buffers}
+        reports.append({**dataclasses.asdict(meter.report()), "buffers_after": {k: v for k, v in left.items() if v},
+                        "saves": meter.saved_kinds()})
+        return result
+
+    trainer.train_step = train_step
 
 
 def run_case(index: int, case: dict, out_dir: str, rank: int, store) -> None:
     """A "memory" case: one step with a Probe on the engine; rank{rank}.json, measured and predicted."""
-    probe = Probe()
+    probe, activations = Probe(), []
 
     def prepare(trainer) -> None:
-        trainer.engine.memory_probe = probe
+        if hasattr(trainer.engine, "memory_probe"):  # the vocabulary engines (baseline: activations only)
+            trainer.engine.memory_probe = probe
+        metered(trainer, activations)
 
     def report(cfg, trainer, losses, norms) -> None:
         result = {"executed": list(trainer.engine.executed), "measured": probe.trace,
-                  **predicted(cfg, trainer.stage)}
+                  "activations": activations, **predicted(cfg, trainer.stage)}
         with open(os.path.join(cfg.run_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
 

@@ -35,6 +35,8 @@ def case(method: str, m: int = 2, **extra) -> dict:
 
 
 VHALF = {"schedule.name": "vhalf"}
+ZB_H1 = {"schedule.name": "zb-h1"}
+SPLIT = ("vhalf", "zb-h1")  # schedules whose backward is split: their W passes run under the guard too
 CHUNKED = {"vocab.chunk_tokens": 3}
 CASES = [
     case("interlaced"),
@@ -47,12 +49,15 @@ CASES = [
     case("vocab-2", m=4, **VHALF, **CHUNKED, **{"model.tie_embeddings": True}, precision="bf16"),
     case("baseline"),
     case("baseline", m=4, **VHALF),
+    case("vocab-2", m=3, **ZB_H1),
+    case("vocab-1", m=3, **ZB_H1, precision="bf16"),
+    case("baseline", m=3, **ZB_H1),
 ]
 
 # Per-microbatch instructions: the compute passes and the vocabulary collectives' issue (their
 # waits run inside the passes that consume them). Left out: LoadMicroBatch and the p2p transfers
 # (DeepSpeed's, shape metadata exchanged once per run) and the once-per-step reductions/step.
-PER_MICROBATCH = ("ForwardPass", "BackwardPass", "InputForward", "InputBackward", "OutputForward",
+PER_MICROBATCH = ("ForwardPass", "BackwardPass", "WeightPass", "InputForward", "InputBackward", "OutputForward",
                   "OutputBackward", "VocabCollective")
 
 

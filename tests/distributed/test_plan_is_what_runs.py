@@ -1,5 +1,5 @@
 """DESIGN.md invariant 8: the pass order every rank executes is its line of the `schedule.txt` that
-`vptrain plan` writes for the same config (V-Half, a padded vocabulary, two pipelines).
+`vptrain plan` writes for the same config (V-Half, a padded vocabulary, two pipelines, ZB-H1's W passes).
 
 The runs join the session's group of spawned CPU processes (_matrix_group.py); the vocab-2 1F1B
 default job is held to its plan end to end through the CLI in test_run_outputs.py.
@@ -32,6 +32,7 @@ def case(method: str, schedule: str, pp: int, m: int, *, dp: int = 1, vocab: int
 CASES = [
     case("vocab-2", "vhalf", 2, 4, dp=2, vocab=253),  # two pipelines; 253 rows padded to 254
     case("vocab-1", "1f1b", 3, 4, vocab=250),  # three shards of 84 rows, the last partly padding
+    case("redis", "zb-h1", 2, 3),  # the plain method on our engine, W passes included
 ]
 MATRIX = Matrix("strict", CASES, timeout_s=300)
 

@@ -69,6 +69,10 @@ PASSING = [
     case("vocab-naive", "1f1b", 4, 4),
     case("interlaced", "1f1b", 3, 4),
     case("baseline", "vhalf", 2, 4),  # transfers only
+    # ZB-H1: W is local (no transfer, no collective); B's SEND_B goes at once.
+    case("vocab-2", "zb-h1", 2, 3),
+    case("vocab-1", "zb-h1", 3, 4),
+    case("baseline", "zb-h1", 3, 4),
 ]
 SWAPPED_TRANSFER = case("vocab-2", "1f1b", 2, 4, mutant=_reported_swap())
 GLOO_TOLERATES = case("vocab-2", "1f1b", 2, 4, strict=False, mutant=_reported_swap())

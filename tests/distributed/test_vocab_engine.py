@@ -3,7 +3,9 @@
 One group of 4 CPU processes runs the whole matrix (see _engine_matrix.py; the group is shared with
 the session's other engine matrices, _matrix_group.py): methods x pp in {2, 3, 4} x dp in {1, 2} x
 vocabulary divisible or not by pp x m in {p, p+1, 2p+1} x tied or not, a few llama rows and a few
-activation-recompute rows.
+activation-recompute rows; ZB-H1 (the backward split into B and W, engine/split_backward.py) with
+baseline, vocab-1 and vocab-2 x pp in {2, 3, 4} x m in {1 (its smallest), 2} (and p+1 for a steady
+state where W fills bubbles), tied on every other row; V-Half, which always splits.
 """
 
 from __future__ import annotations
@@ -67,10 +69,22 @@ CASES = [
     # model.activation_checkpointing: each engine family, both archs and both modes, against the plain
     # reference (reference_config never recomputes); each shares its reference with a row above.
     case("vocab-2", 2, 3, vocab=509, **LLAMA, **{"model.activation_checkpointing": "full"}),
-    case("vocab-1", 2, 5, dp=2, vocab=509, **{"schedule.name": "vhalf", "model.activation_checkpointing": "selective"}),
+    case("vocab-1", 2, 5, dp=2, vocab=509, **{"model.activation_checkpointing": "selective"}),
     case("baseline", 2, 2, **{"model.activation_checkpointing": "full"}),
     case("interlaced", 2, 2, **LLAMA, **{"model.activation_checkpointing": "selective"}),
 ]
+ZB = {"schedule.name": "zb-h1"}
+ZB_CASES = [
+    *[case(method, pp, m, layers=max(4, pp), tie=method != "baseline" and (pp + m) % 2 == 1, **ZB)
+      for method in ("baseline", "vocab-1", "vocab-2") for pp in (2, 3, 4) for m in (1, 2)],
+    *[case(method, pp, pp + 1, **ZB) for method, pp in (("baseline", 4), ("vocab-1", 3), ("vocab-2", 4))],
+    case("redis", 3, 4, layers=6, **ZB),
+    case("vocab-1", 2, 3, dp=2, vocab=509, **ZB, **{"optim.zero_stage": 1}),
+    case("vocab-2", 2, 3, **ZB, **{"precision": "bf16"}),
+    case("baseline", 2, 3, **ZB, **{"precision": "bf16"}),  # the plain loss stage's split in bf16
+    case("vocab-2", 3, 4, vocab=509, **LLAMA, **ZB),
+]
+CASES += ZB_CASES
 
 
 MATRIX = Matrix("equivalence", CASES, timeout_s=900)
@@ -134,7 +148,8 @@ def _compare_vocab_updates(params: dict, ref: dict, vocab_size: int, layers: int
     """bf16: the vocabulary tables must move like the fp32 reference's. Parameter tolerances alone
     would miss a lost shard gradient (e.g. a vocab backward outside DeepSpeed's bf16 bracket)."""
     for table in ("0.wte", f"{layers + 2}.weight"):
-        moved = _stitch(params, table, vocab_size) - ref["initial"][table]
+        got = params[table] if table in params else _stitch(params, table, vocab_size)  # plain: one table
+        moved = got - ref["initial"][table]
         expected = ref["params"][table] - ref["initial"][table]
         assert expected.norm() > 0
         # Measured ~5% (wte) and ~2% (output layer): the bf16 copies the module holds are rounded;
@@ -144,7 +159,7 @@ def _compare_vocab_updates(params: dict, ref: dict, vocab_size: int, layers: int
 
 
 RECORDED = [c for c in CASES if c["overrides"]["method.name"] in VOCAB_METHODS
-            or c["overrides"].get("schedule.name") == "vhalf"]
+            or c["overrides"].get("schedule.name") in ("vhalf", "zb-h1")]
 
 
 @pytest.mark.parametrize("spec", RECORDED, ids=[c["name"] for c in RECORDED])

@@ -24,7 +24,12 @@ from vptrain.model import layer_list
 from vptrain.models.recompute import RecomputedLayer
 from vptrain.plan import make_plan
 from vptrain.resolved import resolve_layout
-from vptrain.schedule.activations import activation_bytes, recompute_flops, recompute_transient_bytes
+from vptrain.schedule.activations import (
+    activation_bytes,
+    pipeline_copies_bytes,
+    recompute_flops,
+    recompute_transient_bytes,
+)
 from vptrain.schedule.costs import K, ModelShape, device_profile, pass_costs
 from vptrain.validate import validate
 
@@ -140,7 +145,8 @@ def test_plan_shows_less_activation_memory() -> None:
         plan = make_plan(cfg)
         shape = plan.resolved.layout.shape
         for stage in plan.stages:
-            expected = stage.peak_in_flight * activation_bytes(shape, stage.layout.num_layers)
+            copies = pipeline_copies_bytes(shape, hidden_input=True, loss_chunk=stage.layout.loss)
+            expected = stage.peak_in_flight * (activation_bytes(shape, stage.layout.num_layers) + copies)
             assert stage.memory["activations"] == pytest.approx(expected + recompute_transient_bytes(shape))
         per_rank[mode] = [stage.memory["activations"] for stage in plan.stages]
     for r in range(2):

@@ -36,6 +36,7 @@ def test_baseline_last_stage_is_the_bottleneck(tmp_path: Path) -> None:
     assert plan["stages"][-1]["vocab_rows"]["output"] == [0, 262144]
     assert (tmp_path / "schedule.png").stat().st_size > 10_000
     assert (tmp_path / "schedule.txt").read_text().startswith("# vptrain schedule")
+    assert "\n# rank 0: stages 0\n" in (tmp_path / "schedule.txt").read_text()  # each rank's chunks, named
     out = proc.stdout
     assert "rank = dp_index * pp + pp_index" in out
     assert "rank 7 |" in out  # the schedule grid

@@ -16,7 +16,6 @@ from vptrain.engine.pipeline import layer_boundaries
 from vptrain.model import GPT, layer_list, output_weight_rows, token_embedding_rows
 from vptrain.plan import make_plan, plan_dict, planned_schedule
 from vptrain.resolved import resolve, resolve_layout
-from vptrain.schedule import format_schedule
 from vptrain.vocab import VocabShard
 from vptrain.wandb_logger import run_config
 
@@ -142,7 +141,7 @@ def test_the_planner_the_trainer_and_wandb_read_one_plan() -> None:
     assert made.schedule == plan.schedule == planned_schedule(cfg)
     summary = plan.summary()
     assert json.loads(json.dumps(summary)) == summary == plan_dict(made)["resolved"]
-    assert summary["schedule_sha1"] == hashlib.sha1(format_schedule(plan.schedule).encode()).hexdigest()
+    assert summary["schedule_sha1"] == hashlib.sha1(plan.schedule_text().encode()).hexdigest()
     assert summary["padded_vocab_size"] == 504 and summary["vocab_rows_per_shard"] == 168
     assert summary["stage_layers"] == [2, 2, 3]
     logged = run_config(cfg, {"model": {}}, plan=plan)

@@ -27,6 +27,11 @@ GOLDEN_CASES = [
     for p, m in ((2, 4), (4, 8))
 ]
 GOLDEN_CASES += [
+    (method, "zb-h1", p, m)
+    for method in ("baseline", "redis", "vocab-naive", "vocab-1", "vocab-2")
+    for p, m in ((2, 4), (4, 8))
+]
+GOLDEN_CASES += [
     (method, "vhalf", p, m) for method in ("baseline", "vocab-naive", "vocab-1", "vocab-2") for p, m in ((2, 4), (3, 6))
 ]
 

@@ -100,7 +100,11 @@ def test_memory_drops_with_the_softmax_buffer_and_grows_with_the_vocabulary():
     for method, name in OVERLAPPED:
         stored, recomputed = _peak(method, name, p, m), _peak(method, name, p, m, store_softmax=False)
         softmax = vocab_buffer_sizes(SHAPE, method=method, p=p)[0].softmax
-        assert recomputed <= stored - softmax  # at least one microbatch's softmax was held at the peak
+        # The stored softmax raises the peak; by a whole softmax where the peak moment stays the same
+        # (1F1B), by less where dropping it moves the peak to another moment (V-Half's W-free steps).
+        assert recomputed < stored
+        if name == "1f1b":
+            assert recomputed <= stored - softmax
         wide = replace(SHAPE, vocab=4000, vocab_rows=4096)
         assert _peak(method, name, p, m, wide) > stored
         assert _peak(method, name, p, m, wide, store_softmax=False) == recomputed  # the softmax is all that grew

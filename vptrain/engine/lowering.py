@@ -42,6 +42,10 @@ class VocabCollective(VocabInstruction):
         super().__init__(microbatch=microbatch, kind=kind)
 
 
+class WeightPass(ds.BufferOpInstruction):
+    """W: the weight gradients of a (microbatch, chunk) whose B ran (split schedules: zb-h1, vhalf)."""
+
+
 _COMPUTE = {
     PassKind.IF: InputForward,
     PassKind.IB: InputBackward,
@@ -50,7 +54,8 @@ _COMPUTE = {
 }
 _TRANSFORMER = {
     PassKind.F: ds.ForwardPass,
-    PassKind.B: ds.BackwardPass,
+    PassKind.B: ds.BackwardPass,  # on a split schedule the engine's B computes the input gradient only
+    PassKind.W: WeightPass,
     PassKind.SEND_F: ds.SendActivation,
     PassKind.RECV_F: ds.RecvActivation,
     PassKind.SEND_B: ds.SendGrad,

@@ -1,13 +1,16 @@
 """V-Half on DeepSpeed's DualPipeV engine: two chunks per rank in a V (rank r holds stages r and
 2p-1-r), so rank 0 holds both the first and the last stage. Runs the plain method (embedding and
-output layer on rank 0) and the vocabulary-parallel ones (their loss rank is rank 0, chunk 1)."""
+output layer on rank 0) and the vocabulary-parallel ones (their loss rank is rank 0, chunk 1).
+V-Half splits the backward: B computes the input gradient only, W the weight gradients
+(engine/split_backward.py); an unsplit schedule would run DeepSpeed's own backward."""
 
 from __future__ import annotations
 
 from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
 
-from vptrain.engine.lowering import LoweredSchedule
+from vptrain.engine.lowering import LoweredSchedule, WeightPass
+from vptrain.engine.split_backward import engine_input_backward, engine_weight_backward
 from vptrain.engine.strict_order import OrderCheckHook
 from vptrain.engine.vocab_passes import VocabPassesMixin, vocab_handlers
 
@@ -62,15 +65,58 @@ class VHalfEngine(OrderCheckHook, VocabPassesMixin, DualPipeVEngine):
         self._record(f"B{name}")
         vocab_method = self.plan.algo is not None
         inputs = self.pipe_buffers["inputs"][buffer_id]  # DualPipeV frees stage 0's inputs in backward
-        if vocab_method and self._is_loss_stage(phase):
-            self.grad_layer = self._loss_stage_grad(mb).reshape(self.plan.act_shape).to(self.plan.act_dtype)
-            self._as_middle = True  # the gradient is pre-scaled: no loss backward, no 1/GAS hook
-        try:
-            self._timed(DualPipeVEngine._exec_backward_pass, self, buffer_id, phase)
-        finally:
-            self._as_middle = False
+        if self.plan.split_backward:
+            self._timed(self._input_backward, buffer_id, phase, mb)
+        else:
+            if vocab_method and self._is_loss_stage(phase):
+                self.grad_layer = self._loss_stage_grad(mb).reshape(self.plan.act_shape).to(self.plan.act_dtype)
+                self._as_middle = True  # the gradient is pre-scaled: no loss backward, no 1/GAS hook
+            try:
+                self._timed(DualPipeVEngine._exec_backward_pass, self, buffer_id, phase)
+            finally:
+                self._as_middle = False
         if vocab_method and self.stage_id == 0 and phase == 0:
             self._put("demb", mb, inputs.grad)
+
+    def _input_backward(self, buffer_id, phase, mb) -> None:
+        """B, with DualPipeV's bookkeeping: where the chunk output's gradient comes from (the loss, the
+        vocabulary passes, the turn-around on the last rank, a received one) and what is freed after."""
+        loss, grad = None, None
+        if self._is_loss_stage(phase):
+            if self.plan.algo is not None:
+                grad = self._loss_stage_grad(mb).reshape(self.plan.act_shape).to(self.plan.act_dtype)
+            else:
+                loss = self.pipe_buffers["losses"][buffer_id]
+                self.pipe_buffers["losses"][buffer_id] = None
+        elif self._is_last_rank() and phase == 0:
+            turn = self._phase1_buffer(buffer_id)
+            held = self.pipe_buffers["inputs"][turn]  # the phase-1 input: its B set .grad
+            grad = [t.grad for t in (held if isinstance(held, tuple) else (held,)) if t.is_floating_point()]
+            self.pipe_buffers["inputs"][turn] = None
+        else:
+            grad = self.pipe_buffers["grads"][buffer_id]
+            self.pipe_buffers["grads"][buffer_id] = None
+        self._as_middle = True  # pre-scaled (or scaled here): no 1/GAS from DeepSpeed's output hooks
+        try:
+            work = engine_input_backward(self, outputs=self.pipe_buffers["outputs"][buffer_id],
+                                         inputs=self.pipe_buffers["inputs"][buffer_id], output_grads=grad, loss=loss)
+        finally:
+            self._as_middle = False
+        self._put("weight_work", buffer_id, work)
+        self.pipe_buffers["outputs"][buffer_id] = None
+        if self.stage_id == 0 and phase == 0:
+            self.pipe_buffers["inputs"][buffer_id] = None  # the first stage sends no gradient to free it
+        if self._is_loss_stage(phase):
+            self.pipe_buffers["labels"][buffer_id] = None
+
+    def _exec_weight_pass(self, buffer_id, phase):
+        self._record(f"W{self._split(buffer_id, phase)[1]}")
+        work = self._take("weight_work", buffer_id)
+        self._as_middle = True
+        try:
+            self._timed(engine_weight_backward, self, work)
+        finally:
+            self._as_middle = False
 
     def _comm(self, name: str, handler, buffer_id, phase):
         mb, label = self._split(buffer_id, phase)
@@ -93,6 +139,7 @@ class VHalfEngine(OrderCheckHook, VocabPassesMixin, DualPipeVEngine):
         **DualPipeVEngine._INSTRUCTION_MAP,
         ds.ForwardPass: _exec_forward_pass,
         ds.BackwardPass: _exec_backward_pass,
+        WeightPass: _exec_weight_pass,
         ds.SendActivation: _exec_send_activations,
         ds.RecvActivation: _exec_recv_activations,
         ds.SendGrad: _exec_send_grads,

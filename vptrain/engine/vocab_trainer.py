@@ -1,5 +1,6 @@
 """Trainer for every run driven by a vptrain schedule: the vocabulary-parallel methods (interlaced,
-vocab-naive, vocab-1, vocab-2) on 1F1B and V-Half, and the plain method on V-Half.
+vocab-naive, vocab-1, vocab-2) on every schedule, and the plain methods (baseline, redis) on every
+schedule but 1F1B (which DeepSpeed's own engine runs, engine/pipeline.py).
 
 Under a vocabulary method the pipeline layer list holds only the position embedding (first stage),
 the transformer blocks and the final norm (last stage); every rank also holds V/p rows of the input
@@ -34,6 +35,7 @@ from vptrain.init_from import apply_init_from, restore_fp32_masters
 from vptrain.model import layer_list, output_weight_rows, token_embedding_rows
 from vptrain.optim import build_optimizer, build_scheduler
 from vptrain.resolved import ResolvedPlan, resolve
+from vptrain.schedule.kinds import schedule_kind
 from vptrain.schedule.memory import release_points
 
 ALGO_OF_METHOD = {"interlaced": "interlaced", "vocab-naive": "naive", "vocab-1": "alg1", "vocab-2": "alg2"}
@@ -58,6 +60,7 @@ class VocabStagePlan:
     # position -> the reduces this rank only sends to, completed after that action (schedule/memory.py)
     releases: dict = field(default_factory=dict)
     order_check: OrderChecker | None = None  # train.strict_comm_order
+    split_backward: bool = False  # B computes the input gradient only, W the weight gradients (zb-h1, vhalf)
 
     @property
     def tokens(self) -> int:
@@ -143,6 +146,7 @@ class VocabTrainer(PipelineTrainer):
             loss_chunk=plan.layout.stages.loss_place[1],
             releases=release_points(plan.schedule)[stage],
             order_check=order_check,
+            split_backward=schedule_kind(cfg.schedule.name).split_backward,
         )
         self.engine = construct_engine(engine_cls, cfg, self.module, self.optimizer, self.scheduler,
                                        plan=self.plan, busy_timer=self.timer)

@@ -73,6 +73,14 @@ def activation_bytes(m: ModelShape, layers: int) -> float:
     return float(per_layer * layers + m.hidden) * m.tokens * m.act_bytes
 
 
+def pipeline_copies_bytes(m: ModelShape, *, hidden_input: bool, loss_chunk: bool) -> float:
+    """Per in-flight microbatch-chunk beside activation_bytes (measured by the activation meter,
+    tests/distributed/test_activation_memory.py): DeepSpeed runs a chunk on a clone of its input
+    buffer and differentiates into the buffer, so a chunk whose input is a hidden state (all but the
+    plain pipeline's first) keeps it twice; the loss chunk's final norm keeps its input beside its output."""
+    return float((int(hidden_input) + int(loss_chunk)) * m.hidden) * m.tokens * m.act_bytes
+
+
 def recompute_transient_bytes(m: ModelShape) -> float:
     """What one recomputation rebuilds while its layer's backward runs (0 without recompute): full,
     the layer's activations beyond its input; selective, the larger of the two recomputed interiors."""
@@ -99,3 +107,22 @@ def recompute_flops(m: ModelShape) -> float:
     else:
         qkv, up = 3 * h * h, 4 * h * h
     return 2.0 * n * (qkv + up) + attention
+
+
+def weight_grad_input_bytes(m: ModelShape, layers: int) -> float:
+    """What a split backward keeps from B to W on a chunk of `layers` layers, one microbatch, beyond
+    the saved activations (which W reads and which therefore stay alive until W anyway).
+
+    W computes each weight's gradient as (its GEMM's input)^T x (the gradient of its GEMM's output):
+    the inputs are saved activations, but the output gradients exist only during B, so B must keep
+    them, one per weight GEMM, in the activation dtype. A norm's weight gradient likewise needs the
+    gradient of its output (its normalised input is saved). Per token of one layer:
+        gpt    qkv 3h + attention projection h + fc 4h + MLP projection h + two LayerNorms 2h = 11h
+        llama  q h + k, v 2*kv + o h + gate, up 2I + down h + two RMSNorms 2h = 5h + 2kv + 2I
+    Biases take their gradient from the same output gradients (no extra bytes)."""
+    h = m.hidden
+    if m.arch == "llama":
+        per_layer = 5 * h + 2 * (m.kv_dim or h) + 2 * m.intermediate
+    else:
+        per_layer = 11 * h
+    return float(per_layer * layers) * m.tokens * m.act_bytes

@@ -27,6 +27,7 @@ from vptrain.schedule.ir import SCHEDULE_NAMES, Action, PassKind, Schedule
 from vptrain.schedule.lower import lower
 from vptrain.schedule.planner import NominalCosts, NominalPlan, plan_nominal
 from vptrain.schedule.rules import METHOD_NAMES, ScheduleRules, StageMap
+from vptrain.schedule.vhalf_block import vhalf_block
 
 K = PassKind
 
@@ -50,69 +51,24 @@ def one_f_one_b_in_flight(method: str, p: int, rank: int) -> int:
     return p - rank + ScheduleRules.of(method=method, name="1f1b", p=p).method.extra_in_flight
 
 
-def vhalf_block(p: int, delay: int) -> tuple[int, dict[tuple[PassKind, int], int]]:
-    """One microbatch's building block on the V (vp_algorithms §4.1, after Qi et al. 2024).
-
-    Time unit: one chunk forward (a chunk backward takes 2). The forwards run down the ranks and
-    back up (stages 0 .. 2p-1), then, `delay` units later (the vocabulary chain, 0 without one),
-    the backwards run the other way. Each pass is put at the earliest time after its predecessor at
-    which, repeated every `period` units for the next microbatches, it never collides with the
-    rank's other passes. Every rank does 2 + 2*2 = 6 units per microbatch, so the period starts at 6;
-    it only grows if no collision-free placement exists.
-
-    Returns (period, {(F|B, stage): start offset}).
-    """
-    stages = StageMap(p, "vhalf")
-    period = 6
-    while True:
-        block = _place_block(stages, period, delay)
-        if block is not None:
-            return period, block
-        period += 1
+def vhalf_vocab_units(rules: ScheduleRules, nominal: NominalCosts) -> int:
+    """How many chunk forwards the vocabulary passes S and T of one microbatch take on a rank."""
+    if not rules.method.vocab:
+        return 0
+    return round(nominal.s / nominal.f) + round(nominal.t / nominal.f)
 
 
-def _place_block(stages: StageMap, period: int, delay: int) -> dict[tuple[PassKind, int], int] | None:
-    used: list[set[int]] = [set() for _ in range(stages.p)]
-    remaining_b = [2] * stages.p
-    block: dict[tuple[PassKind, int], int] = {}
-    passes = [(K.F, s, 1) for s in range(stages.num_stages)]
-    passes += [(K.B, s, 2) for s in reversed(range(stages.num_stages))]
-    t = 0
-    for kind, stage, length in passes:
-        rank = stages.place(stage)[0]
-        if kind is K.B and stage == stages.num_stages - 1:
-            t += delay
-        for start in range(t, t + period):
-            slots = {(start + k) % period for k in range(length)}
-            if slots & used[rank]:
-                continue
-            left = remaining_b[rank] - (kind is K.B)
-            if left and not _has_free_run(used[rank] | slots, period, 2):
-                continue  # would leave no room for the rank's other backward
-            break
-        else:
-            return None
-        used[rank] |= slots
-        remaining_b[rank] -= kind is K.B
-        block[(kind, stage)] = start
-        t = start + length
-    return block
-
-
-def _has_free_run(used: set[int], period: int, length: int) -> bool:
-    return any(all((s + k) % period not in used for k in range(length)) for s in range(period))
-
-
-def vhalf_order(p: int, m: int, rank: int, delay: int) -> list[Action]:
-    """Rank `rank`'s F/B order: all microbatches' blocks laid out every `period`, sorted by time."""
-    period, block = vhalf_block(p, delay)
+def vhalf_order(p: int, m: int, rank: int, delay: int, vocab: int = 0) -> list[Action]:
+    """Rank `rank`'s F/B/W order: every microbatch's building block (vhalf_block.py) laid out one
+    period after the previous one's, sorted by time (no two passes of a rank share a unit)."""
+    block = vhalf_block(p, delay, vocab)
     stages = StageMap(p, "vhalf")
     timed = []
     for chunk in range(2):
         stage = stages.stage(rank, chunk)
         for i in range(m):
-            timed.append((i * period + block[(K.F, stage)], Action(K.F, i, chunk)))
-            timed.append((i * period + block[(K.B, stage)], Action(K.B, i, chunk)))
+            for kind in (K.F, K.B, K.W):
+                timed.append((i * block.period + block.start[(kind, stage)], Action(kind, i, chunk)))
     return [a for _, a in sorted(timed, key=lambda x: x[0])]
 
 
@@ -146,20 +102,28 @@ def build_schedule(method: str, schedule: str, p: int, m: int, *, nominal: Nomin
     if m < 1:
         raise ValueError(f"m={m}: a schedule needs at least one microbatch")
     rules = ScheduleRules.of(method=method, name=schedule, p=p)
+    w_caps = None
     if method == "interlaced":  # F/B with the synchronous steps' markers (interlaced.py)
         orders = add_input_steps([interlaced_order(p, m, r) for r in range(p)])
-    elif schedule == "1f1b":
-        orders = [one_f_one_b_order(m, one_f_one_b_in_flight(method, p, r)) for r in range(p)]
+    elif schedule in ("1f1b", "zb-h1"):
+        in_flight = [one_f_one_b_in_flight(method, p, r) for r in range(p)]
+        orders = [one_f_one_b_order(m, n) for n in in_flight]
+        if schedule == "zb-h1":  # W passes fill the bubbles, never holding more than 1F1B does
+            w_caps = [max(in_flight)] * p
     else:
-        orders = [vhalf_order(p, m, r, vhalf_delay(method, p)) for r in range(p)]
+        nominal = nominal or NominalCosts()
+        vocab = vhalf_vocab_units(rules, nominal)
+        orders = [vhalf_order(p, m, r, vhalf_delay(method, p), vocab) for r in range(p)]
     nominal = nominal or NominalCosts()
+    if rules.split_backward and nominal.w <= 0:  # B's share of a whole backward: the input gradient
+        nominal = dataclasses.replace(nominal, b=nominal.b / 2, w=nominal.b / 2)
     if not rules.method.vocab or rules.method.blocking:
         # Communication costs only steer the overlapped vocabulary methods' placement (vocab.py).
         nominal = nominal.without_communication()
     if method == "interlaced":
         # The first step runs the input layers of the whole warm-up at once.
         nominal = dataclasses.replace(nominal, sync_first_inputs=min(interlaced_warmup(p, 0), m) + 1)
-    return lower(_best_plan(rules, m, orders, nominal), rules, m=m, method=method)
+    return lower(_best_plan(rules, m, orders, nominal, w_caps), rules, m=m, method=method)
 
 
 HOLD_CHOICES = (1.0, 0.0, 2.0)
@@ -172,9 +136,19 @@ pick the same plan. (Also choosing between planning with and without the communi
 a simulation on the nominal costs, cost twice the time and moved no figure by more than 0.15 point.)"""
 
 
-def _best_plan(rules: ScheduleRules, m: int, orders: list[list[Action]], nominal: NominalCosts) -> NominalPlan:
-    if K.STATS not in rules.method.collectives or rules.method.blocking or nominal.hold_window <= 0:
-        return plan_nominal(rules, m, orders, nominal)
-    plans = [plan_nominal(rules, m, orders, dataclasses.replace(nominal, hold_window=nominal.hold_window * k))
-             for k in HOLD_CHOICES]
+W_RESERVE_CHOICES = (None, 1, 2, 3)
+"""ZB-H1's W fillers (planner.Planner) are planned keeping no W, or 1, 2 or 3 W, in reserve through
+idle moments for the cool-down; the shortest nominal makespan wins, as with HOLD_CHOICES. At the
+issue-13 goal config (p=4, m=16, vocab-2) no reserve gives 0.83x of 1F1B's bubble, a reserve of 2
+0.74x; without vocabulary passes no reserve is usually best."""
+
+
+def _best_plan(rules: ScheduleRules, m: int, orders: list[list[Action]], nominal: NominalCosts,
+               w_caps: list[int] | None = None) -> NominalPlan:
+    holds = (1.0,)
+    if K.STATS in rules.method.collectives and not rules.method.blocking and nominal.hold_window > 0:
+        holds = HOLD_CHOICES
+    reserves = W_RESERVE_CHOICES if w_caps is not None else (None,)
+    plans = [plan_nominal(rules, m, orders, dataclasses.replace(nominal, hold_window=nominal.hold_window * k),
+                          w_caps, reserve) for k in holds for reserve in reserves]
     return min(plans, key=lambda plan: max(row[-1][2] for row in plan.computes if row))

@@ -8,6 +8,12 @@ FLOPs (training = forward + backward, vp_algorithms §1.2, paper Table 4; N = b*
   loss (softmax + CE)  8*N*V elementwise FLOPs, half forward, half backward (negligible, counted)
   input layer        3*N*h             forward 1/3, backward 2/3; sharded: every rank writes a full
                                        N x h partial, so IF = N*h and IB = 2*N*h on every rank
+Split backward (zb-h1, vhalf: kinds.schedule_kind(name).split_backward): B is the input gradient, W the
+weight gradients; per layer and token (gpt) F = 24h^2 + 4hs, B = 24h^2 + 8hs (the attention's backward
+has no weights, so all of it is in B), W = 24h^2 = 2 FLOPs per weight (llama: the same with its
+weights, layer_split_flops). The baseline's output layer keeps its whole backward (dX and dW, 4NhV,
+with the loss) in B, as the engine runs it; the input layer's backward is its table's gradient (W).
+B + W is the unsplit B exactly.
 Seconds = FLOPs / (peak * efficiency) + a fixed launch overhead per pass; the overlapped methods'
 F and B run longer by overlap_s_per_byte per byte their side-stream collectives move.
 Communication: a transfer or collective of B bytes costs latency + B / bandwidth (all-reduce: 2(p-1)/p
@@ -34,8 +40,10 @@ from dataclasses import dataclass
 
 from vptrain.schedule.activations import (  # noqa: F401 (activation_bytes, recompute_transient_bytes re-exported)
     activation_bytes,
+    pipeline_copies_bytes,
     recompute_flops,
     recompute_transient_bytes,
+    weight_grad_input_bytes,
 )
 from vptrain.schedule.efficiency import gemm_efficiency, pass_seconds
 from vptrain.schedule.ir import PassKind
@@ -104,6 +112,15 @@ def input_flops(m: ModelShape) -> float:
     return 3.0 * m.tokens * m.hidden
 
 
+def layer_split_flops(m: ModelShape) -> tuple[float, float, float]:
+    """(F, B input gradient, W weight gradients) of one transformer layer, one microbatch: W runs one
+    GEMM per weight GEMM of the forward (2 FLOPs per weight and token); B the other input-gradient
+    GEMM per weight and the whole attention backward. They add up to layer_flops."""
+    total = layer_flops(m)
+    forward, weight = total / 3.0, 2.0 * m.tokens * m.layer_weights
+    return forward, total - forward - weight, weight
+
+
 def vocab_layer_units(m: ModelShape) -> tuple[float, float]:
     """(input layer, output layer + loss) in transformer-layer units of compute."""
     unit = layer_flops(m)
@@ -117,23 +134,35 @@ def model_flops(m: ModelShape) -> float:
 
 
 def pass_flops(
-    m: ModelShape, *, method: str, p: int, chunk_layers: list[tuple[int, ...]], loss_place: tuple[int, int]
+    m: ModelShape, *, method: str, p: int, chunk_layers: list[tuple[int, ...]], loss_place: tuple[int, int],
+    split: bool = False,
 ) -> list[dict[tuple[PassKind, int], float]]:
-    """FLOPs of each compute pass on each rank: {(kind, chunk): flops}."""
+    """FLOPs of each compute pass on each rank: {(kind, chunk): flops}; `split`: the backward is
+    B (input gradient) + W (weight gradients), each chunk then has a (W, chunk) entry."""
     vocab_sharded = method not in ("baseline", "redis")
-    layer = layer_flops(m)
+    unsplit = (layer_flops(m) / 3.0, 2.0 * layer_flops(m) / 3.0, 0.0)
+    layer_f, layer_b, layer_w = layer_split_flops(m) if split else unsplit
+    gemm = m.tokens * m.hidden * m.vocab_rows
+    loss_half = LOSS_FLOPS_PER_LOGIT / 2 * m.tokens * m.vocab_rows
     out: list[dict[tuple[PassKind, int], float]] = []
     for rank, layers in enumerate(chunk_layers):
         table: dict[tuple[PassKind, int], float] = {}
         for chunk, n in enumerate(layers):
-            fwd, bwd = n * layer / 3.0, 2.0 * n * layer / 3.0
+            fwd, bwd, wgt = n * layer_f, n * layer_b, n * layer_w
             if not vocab_sharded and (rank, chunk) == (0, 0):
                 fwd += input_flops(m) / 3.0
-                bwd += 2.0 * input_flops(m) / 3.0
+                if split:
+                    wgt += 2.0 * input_flops(m) / 3.0  # the table's gradient: a weight gradient
+                else:
+                    bwd += 2.0 * input_flops(m) / 3.0
             if not vocab_sharded and (rank, chunk) == loss_place:
-                fwd += 2.0 * m.tokens * m.hidden * m.vocab_rows + LOSS_FLOPS_PER_LOGIT / 2 * m.tokens * m.vocab_rows
-                bwd += 4.0 * m.tokens * m.hidden * m.vocab_rows + LOSS_FLOPS_PER_LOGIT / 2 * m.tokens * m.vocab_rows
+                fwd += 2.0 * gemm + loss_half
+                # Split or not, B forms dX and dW in one sweep over the logits (and adds dW at once:
+                # engine/split_backward.engine_input_backward), so W has none of the output layer.
+                bwd += 4.0 * gemm + loss_half
             table[(K.F, chunk)], table[(K.B, chunk)] = fwd, bwd
+            if split:
+                table[(K.W, chunk)] = wgt
         if vocab_sharded:
             rows = m.vocab_rows // p
             gemm = m.tokens * m.hidden * rows
@@ -198,20 +227,22 @@ def pass_costs(
     device: DeviceProfile,
     store_softmax: bool = True,
     groups: Sequence[Sequence[int]] | None = None,
+    split: bool = False,
 ) -> PassCosts:
     """Seconds per action for the simulator, with per-chunk activation bytes and the vocabulary
-    buffers' sizes as memory weights."""
-    flops = pass_flops(m, method=method, p=p, chunk_layers=chunk_layers, loss_place=loss_place)
+    buffers' sizes as memory weights. `split`: the schedule splits the backward into B and W
+    (kinds.ScheduleKind.split_backward); then each chunk has W seconds and weight_grad_inputs."""
+    flops = pass_flops(m, method=method, p=p, chunk_layers=chunk_layers, loss_place=loss_place, split=split)
     # GPU profiles: efficiency from each pass's GEMM shape (efficiency.py); cpu: the flat constant.
     sharded = method not in ("baseline", "redis")
     rows = [m.vocab_rows // p if sharded else (m.vocab_rows if r == loss_place[0] else 0) for r in range(p)]
     rates = dict(tokens=m.tokens, hidden=m.hidden, layer_flops=layer_flops(m), chunk_layers=chunk_layers,
                  output_rows=rows, peak=device.peak_flops[precision], flat_efficiency=device.efficiency,
-                 curves=gemm_efficiency(device.name, precision))
+                 curves=gemm_efficiency(device.name, precision), layer_shares=layer_shares(m, split))
     seconds = pass_seconds(flops, **rates)
     if m.recompute != "none":  # B first re-runs (part of) each layer's forward, at the layer GEMMs' rate
         redo = pass_seconds([{(K.F, c): n * recompute_flops(m) for c, n in enumerate(layers)}
-                             for layers in chunk_layers], **rates)
+                             for layers in chunk_layers], **{**rates, "layer_shares": None})
         seconds = tuple({(kind, c): t + (redo[r][(K.F, c)] if kind is K.B else 0.0) for (kind, c), t in table.items()}
                         for r, table in enumerate(seconds))
     # The overlapped methods' F and B share the device with their side-stream collectives: each rank's
@@ -219,18 +250,41 @@ def pass_costs(
     extra = device.overlap_s_per_byte * overlapped_collective_bytes(m, method, p)
     compute = []
     for table in seconds:
-        busy = sum(t for (kind, _), t in table.items() if kind in (K.F, K.B))
+        busy = sum(t for (kind, _), t in table.items() if kind in (K.F, K.B, K.W))
         slow = 1.0 + (extra / busy if busy > 0 else 0.0)
-        compute.append({(kind, c): t * (slow if kind in (K.F, K.B) else 1.0) + device.pass_overhead_s
+        compute.append({(kind, c): t * (slow if kind in (K.F, K.B, K.W) else 1.0) + device.pass_overhead_s
                         for (kind, c), t in table.items()})
     # `groups`: global ranks of each pipeline group in stage order (rank map), for the network tiers.
     groups = groups or pipeline_groups(p)
     p2p = device.network.p2p_seconds(groups, m.tokens * m.hidden * m.act_bytes)
     collective = {k: collective_seconds(m, k, p, device, groups) for k in PassKind if k.is_collective}
-    activation = tuple(tuple(activation_bytes(m, n) for n in layers) for layers in chunk_layers)
+    activation = tuple(tuple(activation_bytes(m, n) + pipeline_copies_bytes(
+        m, hidden_input=sharded or (r, c) != (0, 0), loss_chunk=(r, c) == tuple(loss_place))
+        for c, n in enumerate(layers)) for r, layers in enumerate(chunk_layers))
+    # Under a split backward the engine keeps each microbatch-chunk's whole autograd graph (its saved
+    # activations) until W, and B adds the output gradients W needs (activations.weight_grad_input_bytes).
+    # The plain method's first chunk takes token ids: its B computes nothing and W runs the whole
+    # backward from the chunk output's gradient, which is what it keeps.
+    output_grad = float(m.tokens * m.hidden * m.act_bytes)
+    kept = tuple(tuple(output_grad if not sharded and (r, c) == (0, 0) else weight_grad_input_bytes(m, n)
+                       for c, n in enumerate(layers)) for r, layers in enumerate(chunk_layers)) if split else None
     vocab = None if method in ("baseline", "redis") else vocab_buffer_sizes(
         m, method=method, p=p, store_softmax=store_softmax)
-    return PassCosts(compute=tuple(compute), p2p=p2p, collective=collective, activation=activation, vocab_buffers=vocab)
+    return PassCosts(compute=tuple(compute), p2p=p2p, collective=collective, activation=activation,
+                     vocab_buffers=vocab, weight_grad_inputs=kept)
+
+
+def layer_shares(m: ModelShape, split: bool) -> dict[PassKind, tuple[float, int]] | None:
+    """Per compute kind, (share of layer_flops, kernels it runs per layer) for efficiency.pass_seconds;
+    None: the unsplit default (F 1/3, B 2/3, 15 kernels a layer). Split: F runs the forward's weight
+    GEMMs plus the attention (gpt 4 + 1, llama 7 + 1), W one weight-gradient GEMM per weight GEMM,
+    B one input-gradient GEMM per weight GEMM plus the attention backward (2 kernels)."""
+    if not split:
+        return None
+    gemms = 7 if m.arch == "llama" else 4
+    total = layer_flops(m)
+    f, b, w = layer_split_flops(m)
+    return {K.F: (f / total, gemms + 1), K.B: (b / total, gemms + 2), K.W: (w / total, gemms)}
 
 
 NOMINAL_QUANTUM = 1 / 64
@@ -271,7 +325,9 @@ def nominal_costs(costs: PassCosts) -> NominalCosts:
         return round(seconds / forward / COMMUNICATION_QUANTUM) * COMMUNICATION_QUANTUM
 
     collective = tuple((kind, communication(seconds)) for kind, seconds in costs.collective.items())
-    return NominalCosts(f=1.0, b=relative(K.B), s=relative(K.S), t=relative(K.T),
+    # A split backward's W (present in every chunk's table then); b is then B's input-gradient part.
+    w = relative(K.W) if any((K.W, 0) in rank for rank in costs.compute) else 0.0
+    return NominalCosts(f=1.0, b=relative(K.B), w=w, s=relative(K.S), t=relative(K.T),
                         input_f=relative(K.IF), input_b=relative(K.IB), hold_window=HOLD_WINDOW,
                         p2p=communication(costs.p2p), collective=tuple(x for x in collective if x[1] > 0))
 

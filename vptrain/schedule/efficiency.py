@@ -116,6 +116,7 @@ def pass_seconds(
     peak: float,
     flat_efficiency: float,
     curves: GemmEfficiency | None,
+    layer_shares: dict[PassKind, tuple[float, int]] | None = None,
 ) -> tuple[dict[tuple[PassKind, int], float], ...]:
     """Seconds of every compute pass (without the per-pass launch overhead).
 
@@ -123,21 +124,28 @@ def pass_seconds(
     vocabulary work covers (its shard, the whole table on the baseline's loss stage, else 0). A
     pass's transformer-layer FLOPs (layers x layer_flops x 1/3 forward, 2/3 backward) run on the
     layer curve; the rest runs on the vocabulary curve where the rank holds output rows (S, T, the
-    baseline's output layer), else at the layer rate (the input layer)."""
+    baseline's output layer), else at the layer rate (the input layer).
+
+    `layer_shares[kind]` = (share of layer_flops, kernels per layer) where the backward is split
+    (costs.layer_shares): each of F, B and W then runs at the rate of its own kernels' mean work
+    (W's weight-gradient GEMMs are as large as the forward's; B's include the attention backward)."""
     if curves is None:
         rate = peak * flat_efficiency
         return tuple({key: f / rate for key, f in table.items()} for table in flops)
     layer_rate = peak * curves.layer(layer_flops / KERNELS_PER_LAYER)
+    shares = layer_shares or {K.F: (1.0 / 3.0, 5), K.B: (2.0 / 3.0, 10)}
+    kind_rate = {kind: (peak * curves.layer(share * layer_flops / kernels) if layer_shares else layer_rate)
+                 for kind, (share, kernels) in shares.items()}
     out = []
     for rank, table in enumerate(flops):
         rows = output_rows[rank]
         vocab_rate = peak * curves.vocab(2.0 * tokens * hidden * rows) if rows > 0 else layer_rate
         seconds = {}
         for (kind, chunk), f in table.items():
-            share = {K.F: 1.0 / 3.0, K.B: 2.0 / 3.0}.get(kind, 0.0)
+            share = shares.get(kind, (0.0, 1))[0]
             layers = chunk_layers[rank][chunk] if chunk < len(chunk_layers[rank]) else 0
             in_layers = min(f, share * layers * layer_flops)
             rest_rate = layer_rate if kind in (K.IF, K.IB) else vocab_rate
-            seconds[(kind, chunk)] = in_layers / layer_rate + (f - in_layers) / rest_rate
+            seconds[(kind, chunk)] = in_layers / kind_rate.get(kind, layer_rate) + (f - in_layers) / rest_rate
         out.append(seconds)
     return tuple(out)

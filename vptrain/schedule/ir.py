@@ -129,7 +129,7 @@ def parse_action(text: str) -> Action:
     return Action(kind, int(mb), chunk_index)
 
 
-SCHEDULE_NAMES = ("1f1b", "vhalf")
+from vptrain.schedule.kinds import SCHEDULE_NAMES  # noqa: E402, F401  (re-exported for old importers)
 
 
 class ScheduleError(ValueError):
@@ -141,9 +141,10 @@ class ScheduleError(ValueError):
 class Schedule:
     """Per-rank action lists plus what is needed to interpret them.
 
-    `ranks[r]` is what pipeline rank r executes, in order. `name` fixes the stage placement
-    (1f1b: stage r on rank r; vhalf: rank r holds stages r and 2p-1-r as chunks 0 and 1) and
-    `method` fixes which vocabulary passes and collectives exist (see `rules.MethodRules`).
+    `ranks[r]` is what pipeline rank r executes, in order. `name` fixes the stage placement and
+    whether the backward is split into B and W (kinds.py: 1f1b and zb-h1 put stage r on rank r,
+    vhalf puts stages r and 2p-1-r on rank r as chunks 0 and 1) and `method` fixes which
+    vocabulary passes and collectives exist (see `rules.MethodRules`).
     """
 
     ranks: tuple[tuple[Action, ...], ...]

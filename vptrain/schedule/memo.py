@@ -24,8 +24,8 @@ Key = tuple[str, str, int, int, NominalCosts, bool]
 @dataclass
 class ScheduleMemo:
     built: dict[Key, tuple[Schedule, ScheduleRules]] = field(default_factory=dict)
-    rules: dict[tuple[str, str, int], ScheduleRules] = field(default_factory=dict)
-    """One per (method, schedule, p): an action's needs do not depend on m or on the costs, so
+    rules: dict[tuple[str, str, int, int], ScheduleRules] = field(default_factory=dict)
+    """One per (method, schedule, p, chunks): an action's needs do not depend on m or on the costs, so
     the memo of needs the validator fills serves every schedule of that shape."""
     hits: int = 0
 
@@ -39,7 +39,8 @@ class ScheduleMemo:
             self.hits += 1
             return found
         schedule = build_schedule(method, name, p, m, nominal=nominal)
-        rules = self.rules.setdefault((method, name, p), ScheduleRules.of(method=method, name=name, p=p))
+        shape = (method, name, p, schedule.chunks)
+        rules = self.rules.setdefault(shape, ScheduleRules.of(method=method, name=name, p=p, chunks=schedule.chunks))
         validate_schedule(schedule, check_deadlock=check_deadlock, rules=rules)
         self.built[key] = (schedule, rules)
         return schedule, rules

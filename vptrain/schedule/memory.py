@@ -77,7 +77,7 @@ def release_points(s: Schedule, rules: ScheduleRules | None = None) -> tuple[dic
     released once every rank's count is past it; what is never known is released after the
     rank's last action.
     """
-    rules = rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p)
+    rules = rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p, chunks=s.chunks)
     p = s.p
     order = [a for a in s.ranks[0] if a.kind.is_collective]
     index = {a: k for k, a in enumerate(order)}
@@ -169,7 +169,7 @@ def vocab_live_bytes(
     releases: tuple[dict[int, tuple[Action, ...]], ...] | None = None,
 ) -> tuple[tuple[int, ...], ...]:
     """Per rank, the vocabulary bytes alive after each of its actions (after that action's releases)."""
-    rules = rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p)
+    rules = rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p, chunks=s.chunks)
     if not rules.method.vocab:
         return tuple(tuple(0 for _ in row) for row in s.ranks)
     releases = releases or release_points(s, rules)

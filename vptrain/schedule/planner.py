@@ -32,6 +32,8 @@ class NominalCosts:
 
     f: float = 1.0
     b: float = 2.0
+    w: float = 0.0
+    """A split backward's W (its B is then `b`, the input gradient only)."""
     s: float = 0.25
     t: float = 0.25
     input_f: float = 0.05
@@ -49,7 +51,7 @@ class NominalCosts:
     """(kind, time from its last issue to its completion); kinds not listed complete at once."""
 
     def table(self) -> dict[PassKind, float]:
-        return {K.F: self.f, K.B: self.b, K.S: self.s, K.T: self.t, K.IF: self.input_f, K.IB: self.input_b}
+        return {K.F: self.f, K.B: self.b, K.W: self.w, K.S: self.s, K.T: self.t, K.IF: self.input_f, K.IB: self.input_b}
 
     def latency(self, kind: PassKind) -> float:
         for k, seconds in reversed(self.collective):  # as dict(self.collective): the last one wins
@@ -77,10 +79,21 @@ _FINISH, _WAKE, _RELEASE, _CALL = 0, 1, 2, 3
 
 class Planner:
     """One nominal run. `vocab` (see vocab.py) calls back into `wake_all`, `release_at`, `busy`,
-    `cost`, `costs`, `plan`, `p`, `m` and `rules`."""
+    `cost`, `costs`, `plan`, `p`, `m` and `rules`.
 
-    def __init__(self, rules: ScheduleRules, m: int, orders: list[list[Action]], costs: NominalCosts):
+    Where the schedule splits the backward, the orders either list every W (V-Half's block) or
+    none; then `w_caps[r]` makes the W passes fillers (ZB-H1): each B's W joins the rank's queue
+    and runs when the next pass of the order is not ready, or before an F that would keep more than
+    `w_caps[r]` microbatch-chunks alive (F run, W not), or once the order is done. `w_reserve`
+    (None: no reserve) keeps that many W queued through idle moments for the cool-down, where the
+    other ranks' last passes leave the longest gaps."""
+
+    def __init__(self, rules: ScheduleRules, m: int, orders: list[list[Action]], costs: NominalCosts,
+                 w_caps: list[int] | None = None, w_reserve: int | None = None):
         self.rules, self.m, self.orders, self.costs = rules, m, orders, costs
+        self.w_caps, self.w_reserve = w_caps, w_reserve
+        self.pending_w: list[list[Action]] = [[] for _ in orders]
+        self.alive = [0] * len(orders)  # microbatch-chunks whose F ran and whose W (B) has not
         self.cost = costs.table()
         self.p = rules.stages.p
         stages = rules.stages
@@ -95,6 +108,7 @@ class Planner:
         self.input_at: set[tuple[int, int, int]] = set()  # (rank, mb, chunk): F input has arrived
         self.grad_at: set[tuple[int, int, int]] = set()  # (rank, mb, chunk): B gradient has arrived
         self.f_done: set[tuple[int, int, int]] = set()
+        self.b_done: set[tuple[int, int, int]] = set()
         self.plan = NominalPlan([[] for _ in range(self.p)], [], {}, {})
         self.calls: list[Callable[[float], None]] = []
         # Blocking transfers wait until sender and receiver are both between passes.
@@ -123,7 +137,8 @@ class Planner:
                             if 0 <= peer < self.p:
                                 self.wake(peer, t)
                 self._decide(r, t)
-        expected = self.m * (2 * self.rules.stages.chunks + (4 if self.rules.method.vocab else 0))
+        per_chunk = 3 if self.rules.split_backward else 2
+        expected = self.m * (per_chunk * self.rules.stages.chunks + (4 if self.rules.method.vocab else 0))
         stalled = [r for r in range(self.p) if len(self.plan.computes[r]) != expected]
         if stalled:
             raise AssertionError(f"nominal plan stalled on ranks {stalled} (builder bug)")
@@ -167,6 +182,9 @@ class Planner:
         if self.vocab.join(r, t):
             return
         action = self.vocab.take(r, t) or self._next_base(r)
+        filler = self._filler_w(r, action)
+        if filler is not None:
+            action = filler
         if action is None:
             return  # idle until a transfer, a collective or a barrier wakes it
         kind = action.kind
@@ -176,11 +194,27 @@ class Planner:
         busy[r] = True
         end = t + self.cost[kind]
         self.plan.computes[r].append((action, t, end))
-        if base:
+        if filler is not None:
+            self.pending_w[r].pop(0)
+        elif base or kind is K.W:
             self.pos[r] += 1
+        self.alive[r] += kind is K.F
+        self.alive[r] -= kind is K.W or (kind is K.B and not self.rules.split_backward)
         self.vocab.started(r, action, t)
         self.seq += 1
         heapq.heappush(self.heap, (end, self.seq, _FINISH, r))
+
+    def _filler_w(self, r: int, action: Action | None) -> Action | None:
+        """The queued W to run now instead of `action` (None: run `action`)."""
+        queue = self.pending_w[r]
+        if not queue:
+            return None
+        if action is None and (self.w_reserve is None or len(queue) > self.w_reserve
+                               or self.pos[r] >= len(self.orders[r])):
+            return queue[0]
+        if action is not None and action.kind is K.F and self.alive[r] >= self.w_caps[r]:
+            return queue[0]
+        return None
 
     def _next_base(self, r: int) -> Action | None:
         order = self.orders[r]
@@ -194,6 +228,8 @@ class Planner:
             if self.prev_place[r][c] is None:
                 return self.vocab.input_ready(i)
             return (r, i, c) in self.input_at
+        if kind is K.W:
+            return (r, i, c) in self.b_done
         if (r, i, c) not in self.f_done:
             return False
         if self.next_place[r][c] is None:
@@ -210,6 +246,9 @@ class Planner:
             if nxt is not None:
                 self._post(self.input_at, r, Action(K.SEND_F, a.microbatch, a.chunk), nxt, K.RECV_F)
         elif kind is K.B:
+            self.b_done.add((r, a.microbatch, a.chunk))
+            if self.w_caps is not None and self.rules.split_backward:
+                self.pending_w[r].append(Action(K.W, a.microbatch, a.chunk))
             prev = self.prev_place[r][a.chunk]
             if prev is not None:
                 self._post(self.grad_at, r, Action(K.SEND_B, a.microbatch, a.chunk), prev, K.RECV_B)
@@ -266,7 +305,9 @@ class Planner:
         self.wake(dest, t)
 
 
-def plan_nominal(rules: ScheduleRules, m: int, orders: list[list[Action]], costs: NominalCosts) -> NominalPlan:
-    """Run the nominal timeline for the given per-rank F/B orders."""
+def plan_nominal(rules: ScheduleRules, m: int, orders: list[list[Action]], costs: NominalCosts,
+                 w_caps: list[int] | None = None, w_reserve: int | None = None) -> NominalPlan:
+    """Run the nominal timeline for the given per-rank F/B(/W) orders (`w_caps`, `w_reserve`: see
+    Planner)."""
     with paused_gc():
-        return Planner(rules, m, orders, costs).run()
+        return Planner(rules, m, orders, costs, w_caps, w_reserve).run()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vptrain.schedule.ir import Action, PassKind
+from vptrain.schedule.kinds import schedule_kind
 
 METHOD_NAMES = ("baseline", "redis", "interlaced", "vocab-naive", "vocab-1", "vocab-2")
 
@@ -23,29 +24,39 @@ K = PassKind
 
 @dataclass(frozen=True)
 class StageMap:
-    """Where each pipeline stage lives.
+    """Where each pipeline stage lives (the placement of kinds.SCHEDULE_KINDS[name]).
 
-    1f1b:  stage s on rank s (one chunk per rank).
-    vhalf: rank r holds stage r as chunk 0 and stage 2p-1-r as chunk 1, so the model goes down the
-           ranks and back up in a V: the first stage (input embedding) and the last stage (loss)
-           are both on rank 0, and the hand-off between chunk 0 and chunk 1 on rank p-1 is local.
+    line: stage s on rank s (one chunk per rank: 1f1b, zb-h1).
+    v:    rank r holds stage r as chunk 0 and stage 2p-1-r as chunk 1, so the model goes down the
+          ranks and back up in a V: the first stage (input embedding) and the last stage (loss)
+          are both on rank 0, and the hand-off between chunk 0 and chunk 1 on rank p-1 is local.
+    loop: rank r holds stages r, r+p, ..., r+(v-1)p as chunks 0..v-1 (interleaved): the model loops
+          over the ranks v times, every hand-off crosses ranks, the loss is on rank p-1's last chunk.
+    `chunks` is only given for a schedule whose chunk count is a setting (interleaved).
     """
 
     p: int
     name: str
-    chunks: int = field(init=False)
+    chunks: int = field(default=0)
+    placement: str = field(init=False)
     num_stages: int = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "chunks", 2 if self.name == "vhalf" else 1)
+        kind = schedule_kind(self.name)
+        object.__setattr__(self, "placement", kind.placement)
+        object.__setattr__(self, "chunks", self.chunks or kind.chunks())
         object.__setattr__(self, "num_stages", self.p * self.chunks)
 
     def stage(self, rank: int, chunk: int) -> int:
-        return rank if chunk == 0 else 2 * self.p - 1 - rank
+        if self.placement == "v":
+            return rank if chunk == 0 else 2 * self.p - 1 - rank
+        return chunk * self.p + rank
 
     def place(self, stage: int) -> tuple[int, int]:
         """(rank, chunk) of a stage."""
-        return (stage, 0) if stage < self.p else (2 * self.p - 1 - stage, 1)
+        if self.placement == "v":
+            return (stage, 0) if stage < self.p else (2 * self.p - 1 - stage, 1)
+        return stage % self.p, stage // self.p
 
     @property
     def loss_place(self) -> tuple[int, int]:
@@ -135,8 +146,14 @@ class ScheduleRules:
     _memo: dict[tuple[int, Action], Needs] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
-    def of(cls, *, method: str, name: str, p: int) -> ScheduleRules:
-        return cls(StageMap(p, name), method_rules(method))
+    def of(cls, *, method: str, name: str, p: int, chunks: int = 0) -> ScheduleRules:
+        """`chunks` only for a schedule whose chunk count is a setting (interleaved; 0: its default)."""
+        return cls(StageMap(p, name, chunks), method_rules(method))
+
+    @property
+    def split_backward(self) -> bool:
+        """Every (microbatch, chunk) has a W after its B (kinds.ScheduleKind.split_backward)."""
+        return schedule_kind(self.stages.name).split_backward
 
     def needs(self, rank: int, a: Action) -> Needs:
         key = (rank, a)
@@ -213,13 +230,15 @@ class ScheduleRules:
         raise AssertionError(f"unhandled kind {kind}")
 
     def expected(self, rank: int, m: int) -> list[Action]:
-        """Every action rank `rank` must execute exactly once (W is optional and not listed)."""
+        """Every action rank `rank` must execute exactly once (W only, and always, where the schedule
+        splits the backward)."""
         out: list[Action] = []
         st = self.stages
+        split = self.split_backward
         for c in range(st.chunks):
             nxt, prev = st.next_place(rank, c), st.prev_place(rank, c)
             for i in range(m):
-                out += [Action(K.F, i, c), Action(K.B, i, c)]
+                out += [Action(K.F, i, c), Action(K.B, i, c)] + ([Action(K.W, i, c)] if split else [])
                 if nxt is not None and nxt[0] != rank:
                     out += [Action(K.SEND_F, i, c), Action(K.RECV_B, i, c)]
                 if prev is not None and prev[0] != rank:

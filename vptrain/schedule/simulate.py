@@ -36,6 +36,8 @@ class PassCosts:
     `p2p` per transfer, `collective[kind]` from the last issue to completion, `issue[kind]` the
     issuing rank's own time (e.g. the tiny exp/sum before SUM). `activation[rank][chunk]` weighs one
     in-flight microbatch-chunk (e.g. its activation bytes) for `SimResult.peak_activation`;
+    `weight_grad_inputs[rank][chunk]` is what a split backward adds from B to W (the output gradients
+    of the chunk's weight operations, kept for W; the activations themselves live until W);
     `vocab_buffers[rank]` sizes the vocabulary buffers for `SimResult.peak_vocab_bytes`."""
 
     compute: tuple[dict[tuple[PassKind, int], float], ...]
@@ -44,6 +46,7 @@ class PassCosts:
     issue: dict[PassKind, float] = field(default_factory=dict)
     activation: tuple[tuple[float, ...], ...] | None = None
     vocab_buffers: tuple[VocabBufferSizes, ...] | None = None
+    weight_grad_inputs: tuple[tuple[float, ...], ...] | None = None
 
     @classmethod
     def uniform(
@@ -88,7 +91,8 @@ class SimResult:
     busy: tuple[float, ...]
     """Seconds each rank spent in compute passes."""
     peak_in_flight: tuple[int, ...]
-    """Most microbatch-chunks whose F had started and whose B had not finished, per rank."""
+    """Most microbatch-chunks whose F had started and whose B (W, where the backward is split) had
+    not finished, per rank."""
     peak_activation: tuple[float, ...]
     """Like peak_in_flight, weighted by PassCosts.activation (equal to it without weights)."""
     peak_vocab_in_flight: tuple[int, ...]
@@ -111,24 +115,38 @@ class DeadlockError(ScheduleError):
 
 def memory_profile(s: Schedule, costs: PassCosts | None = None) -> tuple[list[int], list[float], list[int]]:
     """Peak in-flight microbatch-chunks, weighted peak, and peak S-to-T microbatches per rank.
-    These depend only on each rank's order, not on time."""
+    These depend only on each rank's order, not on time.
+
+    A microbatch-chunk's activations are alive from its F to its B, or to its W where the schedule
+    splits the backward (W's weight gradients read them); from B to W it also holds
+    `costs.weight_grad_inputs`."""
     peaks, weighted, vocab = [], [], []
     for rank, row in enumerate(s.ranks):
         weights = costs.activation[rank] if costs is not None and costs.activation else None
+        extra = costs.weight_grad_inputs[rank] if costs is not None and costs.weight_grad_inputs else None
+        split = {(a.microbatch, a.chunk) for a in row if a.kind is K.W}
         count = best = held_vocab = best_vocab = 0
         load = best_load = 0.0
         for a in row:
-            if a.kind is K.F:
+            kind = a.kind
+            if kind is K.F:
                 count += 1
                 load += weights[a.chunk] if weights else 1.0
                 best, best_load = max(best, count), max(best_load, load)
-            elif a.kind is K.B:
+            elif kind is K.B:
+                if (a.microbatch, a.chunk) in split:
+                    load += extra[a.chunk] if extra else 0.0
+                    best_load = max(best_load, load)
+                else:
+                    count -= 1
+                    load -= weights[a.chunk] if weights else 1.0
+            elif kind is K.W:
                 count -= 1
-                load -= weights[a.chunk] if weights else 1.0
-            elif a.kind is K.S:
+                load -= (weights[a.chunk] if weights else 1.0) + (extra[a.chunk] if extra else 0.0)
+            elif kind is K.S:
                 held_vocab += 1
                 best_vocab = max(best_vocab, held_vocab)
-            elif a.kind is K.T:
+            elif kind is K.T:
                 held_vocab -= 1
         peaks.append(best)
         weighted.append(best_load)
@@ -139,7 +157,8 @@ def memory_profile(s: Schedule, costs: PassCosts | None = None) -> tuple[list[in
 def simulate(s: Schedule, costs: PassCosts, *, rules: ScheduleRules | None = None) -> SimResult:
     """Run the schedule on `costs`. Raises DeadlockError if some rank can never finish."""
     with paused_gc():
-        return _Simulation(s, costs, rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p)).run()
+        rules = rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p, chunks=s.chunks)
+        return _Simulation(s, costs, rules).run()
 
 
 class _Simulation:

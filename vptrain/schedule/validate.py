@@ -1,7 +1,8 @@
 """Check a schedule before anything runs it.
 
 Rules (each failure raises `ScheduleError` with the grid and the offending cells marked):
-  1. every expected pass, transfer and collective appears exactly once per rank (W optional);
+  1. every expected pass, transfer and collective appears exactly once per rank (W exactly where
+     the schedule splits the backward, never elsewhere);
   2. on each rank, everything an action needs comes before it (`ScheduleRules.needs`): F before B,
      a send after the pass that produced its data, a receive before the pass that uses it, a
      collective issued before anything waits on it, S before T, ...;
@@ -37,7 +38,7 @@ def validate_schedule(s: Schedule, *, check_deadlock: bool = True, rules: Schedu
         raise ScheduleError(f"unknown method '{s.method}'; choose one of {', '.join(METHOD_NAMES)}")
     if s.name not in SCHEDULE_NAMES:
         raise ScheduleError(f"unknown schedule '{s.name}'; choose one of {', '.join(SCHEDULE_NAMES)}")
-    rules = rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p)
+    rules = rules or ScheduleRules.of(method=s.method, name=s.name, p=s.p, chunks=s.chunks)
     if s.chunks != rules.stages.chunks or s.p < 1 or s.num_microbatches < 1:
         raise ScheduleError(
             f"metadata: {s.name} with p={s.p}, m={s.num_microbatches} needs chunks={rules.stages.chunks}, "
@@ -68,18 +69,13 @@ def _check_exactly_once(s: Schedule, rules: ScheduleRules, r: int) -> dict[Actio
             if a in positions:
                 _fail(s, f"rank {r} runs {a} twice (positions {positions[a]} and {n})", {(r, positions[a]), (r, n)})
             positions[a] = n
-            if a not in expected and not _optional(a, rules, r, s.num_microbatches):
+            if a not in expected:
                 _fail(s, f"rank {r} runs {a}, which does not belong on this rank in this schedule", {(r, n)})
     missing = [a for a in expected if a not in positions]
     if missing:
         shown = ", ".join(str(a) for a in missing[:8]) + (" ..." if len(missing) > 8 else "")
         _fail(s, f"rank {r} never runs {shown}", set())
     return positions
-
-
-def _optional(a: Action, rules: ScheduleRules, r: int, m: int) -> bool:
-    """W (a split-off weight gradient) may follow any of the rank's B passes."""
-    return a.kind is K.W and 0 <= a.microbatch < m and 0 <= a.chunk < rules.stages.chunks
 
 
 def _check_local_order(s: Schedule, rules: ScheduleRules, r: int, positions: dict[Action, int]) -> None:
