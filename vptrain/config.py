@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from vptrain.schedule.kinds import SCHEDULE_NAMES
+from vptrain.schedule.kinds import SCHEDULE_NAMES, TRAINED_SCHEDULES
 
 METHODS = ("baseline", "redis", "interlaced", "vocab-naive", "vocab-1", "vocab-2")
 VOCAB_METHODS = ("interlaced", "vocab-naive", "vocab-1", "vocab-2")
@@ -82,7 +82,9 @@ class MethodConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "1f1b"
-    """One of kinds.SCHEDULE_NAMES: 1f1b | zb-h1 | vhalf (vptrain/schedule/kinds.py)."""
+    """One of kinds.SCHEDULE_NAMES: 1f1b | zb-h1 | vhalf | interleaved (vptrain/schedule/kinds.py)."""
+    virtual_stages: int = 2
+    """interleaved only: model chunks per rank (rank r holds stages r, r+p, ..., r+(v-1)p)."""
 
 
 @dataclass
@@ -241,7 +243,8 @@ class SearchConfig:
     """At most this many plans are simulated for the top (plus up to 3 per method missing from it, to
     say why it loses); the rest are ranked by the cost model's estimate (search_candidates.json)."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    schedules: list[str] = field(default_factory=lambda: list(SCHEDULES))
+    schedules: list[str] = field(default_factory=lambda: list(TRAINED_SCHEDULES))
+    """Default: the schedules an engine runs (not interleaved, which `vptrain plan` alone builds)."""
 
 
 @dataclass

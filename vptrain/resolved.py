@@ -192,7 +192,7 @@ def _rank_layouts(stages: StageMap, per_stage: list[int], vocab: VocabShards) ->
 def resolve_layout(cfg: RunConfig) -> ResolvedLayout:
     """The layout part of the plan (no schedule): layers, rank map, vocabulary shards."""
     pp, dp = cfg.layout.pp, cfg.layout.dp
-    stages = StageMap(pp, cfg.schedule.name, getattr(cfg.schedule, "virtual_stages", 0))
+    stages = StageMap(pp, cfg.schedule.name, virtual_chunks(cfg))
     vocab = vocab_shards(cfg)
     shape = _shape(cfg, vocab)
     per_stage = _stage_layers(cfg, stages, shape)
@@ -222,7 +222,12 @@ def layout_pass_costs(cfg: RunConfig, layout: ResolvedLayout) -> PassCosts:
 def costed_schedule(cfg: RunConfig, costs: PassCosts) -> Schedule:
     """The schedule of `cfg` built with the relative pass costs of `costs` (costs.nominal_costs)."""
     return build_schedule(cfg.method.name, cfg.schedule.name, cfg.layout.pp, microbatches(cfg),
-                          nominal=nominal_costs(costs))
+                          nominal=nominal_costs(costs), chunks=virtual_chunks(cfg))
+
+
+def virtual_chunks(cfg: RunConfig) -> int:
+    """Model chunks per rank where the schedule takes it from the config (interleaved), else 0."""
+    return cfg.schedule.virtual_stages if schedule_kind(cfg.schedule.name).fixed_chunks is None else 0
 
 
 def resolve(cfg: RunConfig, *, check_deadlock: bool = True, memo: ScheduleMemo | None = None) -> ResolvedPlan:
@@ -234,7 +239,8 @@ def resolve(cfg: RunConfig, *, check_deadlock: bool = True, memo: ScheduleMemo |
     costs = layout_pass_costs(cfg, layout)
     if memo is not None:
         schedule, rules = memo.validated(cfg.method.name, cfg.schedule.name, cfg.layout.pp, microbatches(cfg),
-                                         nominal_costs(costs), check_deadlock=check_deadlock)
+                                         nominal_costs(costs), check_deadlock=check_deadlock,
+                                         chunks=virtual_chunks(cfg))
         return ResolvedPlan(cfg=cfg, layout=layout, costs=costs, schedule=schedule, rules=rules)
     schedule = costed_schedule(cfg, costs)
     rules = ScheduleRules.of(method=schedule.method, name=schedule.name, p=schedule.p, chunks=schedule.chunks)

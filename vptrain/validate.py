@@ -145,8 +145,7 @@ def _check_arch(cfg: RunConfig) -> None:
 
 def _chunks(cfg: RunConfig) -> int:
     """Model chunks per rank of cfg's schedule (kinds.ScheduleKind.chunks)."""
-    virtual = getattr(cfg.schedule, "virtual_stages", 2)
-    return schedule_kind(cfg.schedule.name).chunks(virtual)
+    return schedule_kind(cfg.schedule.name).chunks(cfg.schedule.virtual_stages)
 
 
 def _check_layers_per_stage(cfg: RunConfig) -> None:
@@ -183,7 +182,14 @@ def _check_batch(cfg: RunConfig) -> None:
     m = t.global_batch_size // (t.micro_batch_size * dp)
     p = cfg.layout.pp
     chunks = _chunks(cfg)
-    if chunks > 1 and m < chunks * p:  # every chunk of the first rank runs a forward before any backward
+    if schedule_kind(cfg.schedule.name).placement == "loop" and m % p:
+        _fail(
+            "train.global_batch_size",
+            f"schedule={cfg.schedule.name} runs microbatches in rounds of layout.pp={p}; {m} microbatches per "
+            f"pipeline is not a multiple of it: use {(m // p + 1) * p * t.micro_batch_size * dp}",
+        )
+    # V-Half: every chunk of the first rank runs a forward before any backward (DualPipeV's engine).
+    if schedule_kind(cfg.schedule.name).placement == "v" and m < chunks * p:
         _fail(
             "train.global_batch_size",
             f"schedule={cfg.schedule.name} needs at least {chunks} * layout.pp = {chunks * p} microbatches per "
@@ -231,6 +237,14 @@ def _check_logger_and_device(cfg: RunConfig) -> None:
     device_profile(cfg.cluster.profile)  # raises naming cluster.profile and the known profiles
     if cfg.method.name in VOCAB_METHODS and cfg.layout.pp < 2:
         _fail("layout.pp", "vocabulary parallelism shards over pipeline stages; use layout.pp >= 2")
+
+
+def validate_trainable(cfg: RunConfig) -> None:
+    """Schedules `vptrain plan` builds but no engine runs yet (kinds.ScheduleKind.trains)."""
+    kind = schedule_kind(cfg.schedule.name)
+    if not kind.trains:
+        _fail("schedule", f"{kind.name} is planned only (`vptrain plan`): no engine runs it yet; train with "
+              "schedule=1f1b, zb-h1 or vhalf")
 
 
 def validate_for_this_machine(cfg: RunConfig) -> None:

@@ -58,6 +58,7 @@ RANGES: dict[str, Range] = {
     "model.rope_theta": Range(0, low_open=True, hint="e.g. 10000 or 500000, or null for 10000"),
     "layout.pp": AT_LEAST_1,
     "layout.dp": AT_LEAST_1,
+    "schedule.virtual_stages": Range(2, hint="model chunks per rank of schedule=interleaved, e.g. 2"),
     "vocab.pad_to_multiple_of": AT_LEAST_1,
     "vocab.chunk_tokens": Range(0, hint="0 runs all tokens at once, null lets the plan choose"),
     "train.steps": AT_LEAST_1,

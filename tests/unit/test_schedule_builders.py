@@ -60,7 +60,7 @@ def test_bad_arguments_name_what_to_change() -> None:
         build_schedule("baseline", "zb", 2, 4)
     with pytest.raises(ValueError, match="unknown 'vocab-3'"):
         build_schedule("vocab-3", "1f1b", 2, 4)
-    with pytest.raises(ValueError, match="no V-Half schedule"):
+    with pytest.raises(ValueError, match="does not run on schedule=vhalf"):
         build_schedule("interlaced", "vhalf", 2, 4)
 
 

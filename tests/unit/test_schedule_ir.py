@@ -32,6 +32,9 @@ GOLDEN_CASES += [
     for p, m in ((2, 4), (4, 8))
 ]
 GOLDEN_CASES += [
+    (method, "interleaved", p, m) for method in ("baseline", "vocab-1", "vocab-2") for p, m in ((2, 4), (4, 8))
+]
+GOLDEN_CASES += [
     (method, "vhalf", p, m) for method in ("baseline", "vocab-naive", "vocab-1", "vocab-2") for p, m in ((2, 4), (3, 6))
 ]
 

@@ -30,15 +30,17 @@ class ScheduleMemo:
     hits: int = 0
 
     def validated(
-        self, method: str, name: str, p: int, m: int, nominal: NominalCosts, *, check_deadlock: bool = True
+        self, method: str, name: str, p: int, m: int, nominal: NominalCosts, *, check_deadlock: bool = True,
+        chunks: int = 0,
     ) -> tuple[Schedule, ScheduleRules]:
-        """The schedule build_schedule(method, name, p, m, nominal=nominal) validated, and its rules."""
-        key = (method, name, p, m, nominal, check_deadlock)
+        """The schedule build_schedule(method, name, p, m, nominal=nominal, chunks=chunks) validated,
+        and its rules."""
+        key = (method, name, p, m, nominal, check_deadlock, chunks)
         found = self.built.get(key)
         if found is not None:
             self.hits += 1
             return found
-        schedule = build_schedule(method, name, p, m, nominal=nominal)
+        schedule = build_schedule(method, name, p, m, nominal=nominal, chunks=chunks)
         shape = (method, name, p, schedule.chunks)
         rules = self.rules.setdefault(shape, ScheduleRules.of(method=method, name=name, p=p, chunks=schedule.chunks))
         validate_schedule(schedule, check_deadlock=check_deadlock, rules=rules)
