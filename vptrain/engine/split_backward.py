@@ -259,6 +259,30 @@ def engine_input_backward(engine, *, outputs, inputs, output_grads=None, loss=No
     return work
 
 
+def run_input_backward(engine, buffer_id, *, grad, loss) -> None:
+    """B of the chunk in `buffer_id` on either vocabulary engine: its WeightWork kept for W, its
+    outputs dropped (W holds what it needs of the graph). The gradient is pre-scaled (or scaled
+    here), so DeepSpeed's output hooks must not add 1/GAS: the engine runs as a middle stage."""
+    engine._as_middle = True
+    try:
+        work = engine_input_backward(engine, outputs=engine.pipe_buffers["outputs"][buffer_id],
+                                     inputs=engine.pipe_buffers["inputs"][buffer_id], output_grads=grad, loss=loss)
+    finally:
+        engine._as_middle = False
+    engine._put("weight_work", buffer_id, work)
+    engine.pipe_buffers["outputs"][buffer_id] = None
+
+
+def run_weight_pass(engine, buffer_id) -> None:
+    """W of the chunk in `buffer_id`, timed as a pass, as a middle stage (see run_input_backward)."""
+    work = engine._take("weight_work", buffer_id)
+    engine._as_middle = True
+    try:
+        engine._timed(engine_weight_backward, engine, work)
+    finally:
+        engine._as_middle = False
+
+
 def engine_weight_backward(engine, work: WeightWork) -> None:
     """W of one (microbatch, chunk): the weight gradients, accumulated inside the bf16 bracket that
     DeepSpeed's own backward uses (BF16_Optimizer's bf16 .grad holds one pass's gradients at a time;

@@ -10,7 +10,7 @@ from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
 
 from vptrain.engine.lowering import LoweredSchedule, WeightPass
-from vptrain.engine.split_backward import engine_input_backward, engine_weight_backward
+from vptrain.engine.split_backward import run_input_backward, run_weight_pass
 from vptrain.engine.strict_order import OrderCheckHook
 from vptrain.engine.vocab_passes import VocabPassesMixin, vocab_handlers
 
@@ -96,14 +96,7 @@ class VHalfEngine(OrderCheckHook, VocabPassesMixin, DualPipeVEngine):
         else:
             grad = self.pipe_buffers["grads"][buffer_id]
             self.pipe_buffers["grads"][buffer_id] = None
-        self._as_middle = True  # pre-scaled (or scaled here): no 1/GAS from DeepSpeed's output hooks
-        try:
-            work = engine_input_backward(self, outputs=self.pipe_buffers["outputs"][buffer_id],
-                                         inputs=self.pipe_buffers["inputs"][buffer_id], output_grads=grad, loss=loss)
-        finally:
-            self._as_middle = False
-        self._put("weight_work", buffer_id, work)
-        self.pipe_buffers["outputs"][buffer_id] = None
+        run_input_backward(self, buffer_id, grad=grad, loss=loss)
         if self.stage_id == 0 and phase == 0:
             self.pipe_buffers["inputs"][buffer_id] = None  # the first stage sends no gradient to free it
         if self._is_loss_stage(phase):
@@ -111,12 +104,7 @@ class VHalfEngine(OrderCheckHook, VocabPassesMixin, DualPipeVEngine):
 
     def _exec_weight_pass(self, buffer_id, phase):
         self._record(f"W{self._split(buffer_id, phase)[1]}")
-        work = self._take("weight_work", buffer_id)
-        self._as_middle = True
-        try:
-            self._timed(engine_weight_backward, self, work)
-        finally:
-            self._as_middle = False
+        run_weight_pass(self, buffer_id)
 
     def _comm(self, name: str, handler, buffer_id, phase):
         mb, label = self._split(buffer_id, phase)

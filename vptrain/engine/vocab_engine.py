@@ -10,7 +10,7 @@ from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from vptrain.engine.lowering import LoweredSchedule, WeightPass
-from vptrain.engine.split_backward import engine_input_backward, engine_weight_backward
+from vptrain.engine.split_backward import run_input_backward, run_weight_pass
 from vptrain.engine.strict_order import OrderCheckHook
 from vptrain.engine.vocab_passes import VocabPassesMixin, vocab_handlers
 
@@ -77,25 +77,12 @@ class VocabPipelineEngine(OrderCheckHook, VocabPassesMixin, PipelineEngine):
             self._as_middle = False
 
     def _input_backward(self, buffer_id, grad, loss) -> None:
-        self._as_middle = True  # the gradient is pre-scaled (or scaled here): no 1/GAS from DeepSpeed's hooks
-        try:
-            work = engine_input_backward(self, outputs=self.pipe_buffers["outputs"][buffer_id],
-                                         inputs=self.pipe_buffers["inputs"][buffer_id], output_grads=grad, loss=loss)
-        finally:
-            self._as_middle = False
-        self._put("weight_work", buffer_id, work)
-        # As DeepSpeed's backward: the outputs go now (W holds what it needs of the graph).
-        self.pipe_buffers["outputs"][buffer_id] = None
-        self.pipe_buffers["output_tensors"][buffer_id] = None
+        run_input_backward(self, buffer_id, grad=grad, loss=loss)
+        self.pipe_buffers["output_tensors"][buffer_id] = None  # as DeepSpeed's own backward
 
     def _exec_weight_pass(self, buffer_id):
         self._record(f"W{buffer_id}")
-        work = self._take("weight_work", buffer_id)
-        self._as_middle = True
-        try:
-            self._timed(engine_weight_backward, self, work)
-        finally:
-            self._as_middle = False
+        run_weight_pass(self, buffer_id)
 
     def _exec_send_activations(self, buffer_id):
         self._record(f"SEND_F{buffer_id}")
