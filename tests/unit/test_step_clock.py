@@ -1,38 +1,53 @@
 """The step clock attributes each instruction handler's host time to its kind, for every handler of
 an engine's instruction map, and leaves the class's map and the handlers' results untouched. It
-tells time blocked (asleep, as in a gloo wait) from work on the CPU, and times the whole step."""
+tells time blocked (asleep, as in a gloo wait) from work on the CPU and from time waiting for a core,
+and times the whole step.
+
+The handlers advance a scripted clock instead of sleeping or spinning, so every figure is exact and
+no assertion depends on how loaded the machine is (a real spin once read 11 ms of 20 as blocked)."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 from deepspeed.runtime.pipe import schedule as ds
 
 from vptrain.engine.step_clock import CATEGORIES, DESCHEDULED, STEP, ThreadClock, install_step_clock
 
-SLEEP_S = 0.1
-# Large against the clocks' fixed error: at 0.02 s a loaded 2-core run once counted 11 ms of a pure
-# spin as blocked (schedstat's run-queue figure lags the thread's own clock by a scheduler tick or so).
+
+class _ScriptedClock(ThreadClock):
+    """A thread clock that moves only when a handler says: wall, on-CPU and run-queue seconds."""
+
+    def __init__(self) -> None:
+        self.wall = self.on_cpu = self.queued = 0.0
+        self._fd = None
+
+    def advance(self, *, on_cpu: float = 0.0, queued: float = 0.0, blocked: float = 0.0) -> None:
+        self.wall += on_cpu + queued + blocked
+        self.on_cpu += on_cpu
+        self.queued += queued
+
+    def read(self) -> tuple[float, float, float]:
+        return self.wall, self.on_cpu, self.queued
 
 
-def _spin(seconds: float) -> None:
-    """Work on the CPU for `seconds` of this thread's CPU time (never blocks)."""
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
+# Binary fractions: sums of them are exact in floating point, so the test compares with ==.
+COMPUTE = dict(on_cpu=0.25, queued=0.125)  # a pass: on the CPU, part of it waiting for a core
+WAIT = dict(on_cpu=0.0078125, blocked=0.5)  # a p2p handler: asleep in a peer wait
 
 
 class _Engine:
     """The part of DeepSpeed's PipelineEngine the clock relies on: handlers looked up by instruction
     type in `self._INSTRUCTION_MAP` and bound to the engine, and `train_batch` running a step."""
 
+    def __init__(self) -> None:
+        self.clock = _ScriptedClock()
+
     def _forward(self, buffer_id):
-        _spin(SLEEP_S)  # compute: on the CPU
+        self.clock.advance(**COMPUTE)
         return ("F", buffer_id)
 
     def _send(self, buffer_id):
-        time.sleep(SLEEP_S)  # a blocking wait for a peer: off the CPU
+        self.clock.advance(**WAIT)
         return ("SEND", buffer_id)
 
     _INSTRUCTION_MAP = {ds.ForwardPass: _forward, ds.SendActivation: _send, ds.LoadMicroBatch: _send}
@@ -41,12 +56,17 @@ class _Engine:
         return self._INSTRUCTION_MAP[type(instruction)](self, **instruction.kwargs)
 
     def train_batch(self, instructions):
+        self.clock.advance(on_cpu=0.0625, blocked=0.03125)  # DeepSpeed's own work around the handlers
         return [self.run(i) for i in instructions]
 
 
-def test_every_handler_is_timed_under_its_kind() -> None:
+def _installed() -> tuple[_Engine, object]:
     engine = _Engine()
-    clock = install_step_clock(engine)
+    return engine, install_step_clock(engine, engine.clock)
+
+
+def test_every_handler_is_timed_under_its_kind() -> None:
+    engine, clock = _installed()
     assert _Engine._INSTRUCTION_MAP[ds.ForwardPass] is _Engine._forward  # the class keeps its own map
     assert engine.run(ds.ForwardPass(buffer_id=3)) == ("F", 3)
     assert engine.run(ds.SendActivation(buffer_id=1)) == ("SEND", 1)
@@ -54,35 +74,57 @@ def test_every_handler_is_timed_under_its_kind() -> None:
     seconds = clock.take()
     kept = {*CATEGORIES, *(f"blocked_{k}" for k in CATEGORIES), *(f"descheduled_{k}" for k in DESCHEDULED), *STEP}
     assert set(seconds) == kept
-    # Each sleep or spin lies inside its handler, so its kind holds at least that long.
-    assert seconds["pass"] >= SLEEP_S and seconds["p2p"] >= SLEEP_S
-    assert seconds["other_instr"] >= SLEEP_S  # LoadMicroBatch: timed, under no named kind
+    assert seconds["pass"] == 0.375 and seconds["p2p"] == 0.5078125
+    assert seconds["other_instr"] == 0.5078125  # LoadMicroBatch: timed, under no named kind
     assert seconds["collective"] == seconds["optimizer"] == 0.0
     assert seconds["step"] == 0.0  # no train_batch ran
     assert clock.take()["pass"] == 0.0  # take() starts the next step from zero
 
 
-def test_blocked_time_is_told_from_work() -> None:
-    engine = _Engine()
-    clock = install_step_clock(engine)
+def test_blocked_time_is_told_from_work_and_from_waiting_for_a_core() -> None:
+    engine, clock = _installed()
     engine.run(ds.SendActivation(buffer_id=0))
     engine.run(ds.ForwardPass(buffer_id=0))
+    engine.run(ds.ForwardPass(buffer_id=1))
     seconds = clock.take()
-    # Asleep: nearly all of the sleep is blocked (a few µs of it run the call on the CPU).
-    assert seconds["blocked_p2p"] >= SLEEP_S / 2
-    if not ThreadClock().sees_run_queue:
-        pytest.skip("no /proc/thread-self/schedstat: time waiting for a core cannot be told from blocked time")
-    # Spinning: on the CPU or waiting for it, never blocked, however loaded the machine.
-    assert seconds["blocked_pass"] < SLEEP_S / 2
-    assert 0.0 <= seconds["descheduled_pass"] <= seconds["pass"]
+    assert seconds["blocked_p2p"] == 0.5  # asleep: blocked, less the call's own CPU time
+    assert seconds["blocked_pass"] == 0.0  # on the CPU or waiting for it: never blocked
+    assert seconds["descheduled_pass"] == 0.25  # the run-queue wait, kept apart
+    assert seconds["pass"] == 0.75
 
 
 def test_the_step_is_timed_around_train_batch() -> None:
-    engine = _Engine()
-    clock = install_step_clock(engine)
+    engine, clock = _installed()
     result = engine.train_batch([ds.ForwardPass(buffer_id=0), ds.SendActivation(buffer_id=1)])
     assert result == [("F", 0), ("SEND", 1)]
     seconds = clock.take()
-    assert seconds["step"] >= seconds["pass"] + seconds["p2p"]  # the handlers lie inside the step
-    assert seconds["step"] >= seconds["step_blocked"] >= SLEEP_S / 2  # the sleep, seen from the step
-    assert 0.0 <= seconds["step_descheduled"] <= seconds["step"]
+    assert seconds["step"] == 0.09375 + 0.375 + 0.5078125  # the handlers lie inside the step
+    assert seconds["step_blocked"] == 0.03125 + 0.5
+    assert seconds["step_descheduled"] == 0.125
+
+
+def test_a_span_that_never_blocked_is_not_counted_below_zero() -> None:
+    """The real counters are read a few ns apart, so on-CPU can exceed wall by a hair."""
+    engine, clock = _installed()
+
+    def overshoot(engine_, buffer_id):
+        engine_.clock.on_cpu += 1e-9
+        return buffer_id
+
+    engine._INSTRUCTION_MAP[ds.ForwardPass] = clock.wrap("pass", overshoot)
+    engine.run(ds.ForwardPass(buffer_id=0))
+    assert clock.take()["blocked_pass"] == 0.0
+
+
+def test_the_real_thread_clock_reads_its_own_thread() -> None:
+    """No timing assertion: the three counters exist, are non-negative and never run backwards."""
+    real = ThreadClock()
+    first = real.read()
+    sum(i * i for i in range(10_000))
+    second = real.read()
+    assert all(value >= 0.0 for value in first)
+    assert all(b >= a for a, b in zip(first, second))
+    if not real.sees_run_queue:
+        pytest.skip("no /proc/thread-self/schedstat here: the run-queue counter reads 0")
+    real.close()
+    assert not real.sees_run_queue

@@ -137,12 +137,13 @@ class StepClock:
         return out
 
 
-def install_step_clock(engine) -> StepClock:
+def install_step_clock(engine, thread_clock: ThreadClock | None = None) -> StepClock:
     """Time every handler of `engine`'s instruction map, and its `train_batch`. DeepSpeed looks each
     instruction up in `self._INSTRUCTION_MAP` when it runs it, so an instance-level map of wrapped
     handlers times all of them without another subclass per engine (1F1B, vocabulary, V-Half).
-    Must be called on the thread that runs the steps (the run-queue counter is that thread's)."""
-    clock = StepClock()
+    Must be called on the thread that runs the steps (the run-queue counter is that thread's);
+    `thread_clock` replaces the thread's real clock (tests drive a scripted one)."""
+    clock = StepClock(thread_clock)
     handlers = type(engine)._INSTRUCTION_MAP
     engine._INSTRUCTION_MAP = {cls: clock.wrap(instruction_kind(cls), fn) for cls, fn in handlers.items()}
     if hasattr(engine, "train_batch"):
