@@ -1,9 +1,9 @@
 """Schedules x methods on this CPU: pp=2, one process per stage, one thread each, the cpu-bench GPT
 (h=256, 4 layers, seq 128, 8 microbatches, V=32768 unless --vocab). Per schedule (1f1b, zb-h1,
-vhalf) and method (baseline, vocab-1, vocab-2): the iteration time, the bubble measured against the
-run's own pass times, and each rank's peak live activation bytes (vptrain/engine/activation_meter.py)
-beside the plan's figure for it. Every row runs the same kernels (DESIGN.md invariant 9). A pair the
-engine cannot run yet is reported with its error, not left out.
+vhalf, interleaved with v=2) and method (baseline, vocab-1, vocab-2): the iteration time, the
+bubble measured against the run's own pass times, and each rank's peak live activation bytes
+(vptrain/engine/activation_meter.py) beside the plan's figure for it. Every row runs the same
+kernels (DESIGN.md invariant 9). A pair the engine cannot run is reported with its error, not left out.
 
     .venv/bin/python benchmarks/cpu_schedules.py [--vocab 32768] [--steps 5] [--schedules ...] [--methods ...]
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEDULES = ("1f1b", "zb-h1", "vhalf")
+SCHEDULES = ("1f1b", "zb-h1", "vhalf", "interleaved")
 METHODS = ("baseline", "vocab-1", "vocab-2")
 PP = 2
 HEADING = "## Schedules side by side on a CPU pipeline"

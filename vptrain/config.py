@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from vptrain.schedule.kinds import SCHEDULE_NAMES, TRAINED_SCHEDULES
+from vptrain.schedule.kinds import SCHEDULE_NAMES
 
 METHODS = ("baseline", "redis", "interlaced", "vocab-naive", "vocab-1", "vocab-2")
 VOCAB_METHODS = ("interlaced", "vocab-naive", "vocab-1", "vocab-2")
@@ -243,8 +243,8 @@ class SearchConfig:
     """At most this many plans are simulated for the top (plus up to 3 per method missing from it, to
     say why it loses); the rest are ranked by the cost model's estimate (search_candidates.json)."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    schedules: list[str] = field(default_factory=lambda: list(TRAINED_SCHEDULES))
-    """Default: the schedules an engine runs (not interleaved, which `vptrain plan` alone builds)."""
+    schedules: list[str] = field(default_factory=lambda: list(SCHEDULE_NAMES))
+    """Default: every schedule (kinds.SCHEDULE_NAMES); a candidate a schedule cannot run is skipped."""
 
 
 @dataclass

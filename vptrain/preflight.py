@@ -17,7 +17,6 @@ from vptrain.preflight_inputs import check_data
 from vptrain.preflight_resume import check_resume
 from vptrain.schedule.activations import kept_per_layer
 from vptrain.schedule.costs import state_bytes
-from vptrain.validate import validate_trainable
 
 GIB = float(1 << 30)
 GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
@@ -48,7 +47,6 @@ def check_run_dir(path: str, key: str = "hydra.run.dir") -> None:
 def preflight(cfg: RunConfig, launch: LaunchEnv | None) -> None:
     """Everything `vptrain train` checks before it writes the run directory and starts ranks.
     `launch` is the external launcher's rank layout (torchrun / srun), None when vptrain starts them."""
-    validate_trainable(cfg)
     check_run_dir(cfg.run_dir)
     check_data(cfg)
     check_resume(cfg)

@@ -239,14 +239,6 @@ def _check_logger_and_device(cfg: RunConfig) -> None:
         _fail("layout.pp", "vocabulary parallelism shards over pipeline stages; use layout.pp >= 2")
 
 
-def validate_trainable(cfg: RunConfig) -> None:
-    """Schedules `vptrain plan` builds but no engine runs yet (kinds.ScheduleKind.trains)."""
-    kind = schedule_kind(cfg.schedule.name)
-    if not kind.trains:
-        _fail("schedule", f"{kind.name} is planned only (`vptrain plan`): no engine runs it yet; train with "
-              "schedule=1f1b, zb-h1 or vhalf")
-
-
 def validate_for_this_machine(cfg: RunConfig) -> None:
     """Rules that depend on where `train` runs (not checked by `plan`, which needs no GPU)."""
     if cfg.cluster.device != "cuda":

@@ -15,6 +15,8 @@ import json
 import pytest
 from _matrix_group import Matrix, run_matrix
 
+from vptrain.schedule.rules import StageMap
+
 pytestmark = pytest.mark.distributed
 
 TOLERANCE = 0.10  # the issue's: of the plan's figure for the rank
@@ -41,6 +43,8 @@ CASES = [
     case("vocab-2", "zb-h1", 4),
     case("baseline", "vhalf", 4),
     case("vocab-2", "vhalf", 4),
+    case("baseline", "interleaved", 4),  # two chunks per rank in a loop, B whole
+    case("vocab-2", "interleaved", 4),
 ]
 
 MATRIX = Matrix("memory", CASES, timeout_s=300)
@@ -62,13 +66,13 @@ def unplanned_bytes(spec: dict, rank: int, got: dict) -> float:
     norms' mean and rstd, attention's log-sum-exp per head), baseline's first chunk's token ids (the
     plan counts DeepSpeed's copy of a hidden-state input, activations.pipeline_copies_bytes), and on
     the loss chunk the final norm's statistics, plus, on baseline's last
-    stage, the previous microbatch's output that DeepSpeed keeps until it reuses the buffer; and one
-    received input that arrives before its forward starts."""
+    stage, the previous microbatch's output that DeepSpeed keeps until it reuses the buffer; and the
+    received inputs whose forward has not started (interleaved receives up to two ahead)."""
     o = spec["overrides"]
     tokens, f32, act = o["train.micro_batch_size"] * o["model.seq_len"], 4, 4
     hidden = tokens * o["model.hidden_size"] * act
-    baseline, vhalf = o["method.name"] in ("baseline", "redis"), o["schedule.name"] == "vhalf"
-    loss_chunk = (0, 1) if vhalf else (o["layout.pp"] - 1, 0)
+    baseline = o["method.name"] in ("baseline", "redis")
+    loss_chunk = StageMap(o["layout.pp"], o["schedule.name"], o.get("schedule.virtual_stages", 0)).loss_place
     worst = 0.0
     for chunk, layers in enumerate(got["plan_layers"]):
         extra = layers * tokens * (4 + o["model.num_heads"]) * f32
@@ -76,7 +80,19 @@ def unplanned_bytes(spec: dict, rank: int, got: dict) -> float:
         if (rank, chunk) == loss_chunk:
             extra += tokens * 2 * f32 + (hidden if baseline else 0)
         worst = max(worst, extra)
-    return got["plan_in_flight"] * worst + hidden
+    return got["plan_in_flight"] * worst + _most_received_ahead(got["actions"]) * hidden
+
+
+def _most_received_ahead(actions: list[str]) -> int:
+    """The most inputs the rank holds received but not yet run through their chunk's forward."""
+    waiting, most = set(), 0
+    for action in actions:
+        if action.startswith("RECV_F"):
+            waiting.add(action.removeprefix("RECV_F"))
+            most = max(most, len(waiting))
+        elif action.startswith("F") and action[1:] in waiting:
+            waiting.discard(action[1:])
+    return most
 
 
 @pytest.mark.parametrize("spec", CASES, ids=[c["name"] for c in CASES])
@@ -90,7 +106,7 @@ def test_measured_activations_are_the_plan_and_what_it_leaves_out(measured, spec
         where = f"rank {rank}: peak {peak} B at {step['peak_at']} {step['peak_by_owner']}, plan {plan:.0f} B"
         assert step["live_bytes"] == step["held_bytes"], f"{where}; graphs keep {step['live_bytes']} B after the step"
         assert peak <= plan + unplanned_bytes(spec, rank, got), where
-        if spec["overrides"]["schedule.name"] == "1f1b":
+        if spec["overrides"]["schedule.name"] in ("1f1b", "interleaved"):  # B whole
             assert plan <= peak, where
         # On the split schedules the plan is up to 5% above what is measured (V-Half's rank 1:
         # 385024 B planned, 366592 B measured), not yet explained term by term; the issue's 10%

@@ -1,4 +1,4 @@
-"""Resume exactness on the split-backward schedules (ZB-H1, V-Half): nothing of a step's B/W split
+"""Resume exactness on the split-backward schedules (ZB-H1, V-Half) and interleaved 1F1B: nothing of a step's B/W split
 outlives the step, so a run that saves after step k and resumes in fresh trainers continues the
 uninterrupted run bitwise (losses and parameters).
 
@@ -39,6 +39,10 @@ CASES = [
     case("baseline", "zb-h1", 2, 3),
     case("vocab-2", "zb-h1", 3, 4, precision="bf16"),  # BF16_Optimizer's state, W's bf16 bracket
     case("vocab-1", "vhalf", 2, 4),
+    # Interleaved runs B whole, but its chunk state (DualPipeV's per-chunk buffers and first-send
+    # shapes) lives in the same engine and must not outlive a step either.
+    case("vocab-2", "interleaved", 2, 4),
+    case("baseline", "interleaved", 3, 3),
 ]
 MATRIX = Matrix("resume", CASES, timeout_s=300)
 

@@ -5,7 +5,8 @@ the session's other engine matrices, _matrix_group.py): methods x pp in {2, 3, 4
 vocabulary divisible or not by pp x m in {p, p+1, 2p+1} x tied or not, a few llama rows and a few
 activation-recompute rows; ZB-H1 (the backward split into B and W, engine/split_backward.py) with
 baseline, vocab-1 and vocab-2 x pp in {2, 3, 4} x m in {1 (its smallest), 2} (and p+1 for a steady
-state where W fills bubbles), tied on every other row; V-Half, which always splits.
+state where W fills bubbles), tied on every other row; V-Half, which always splits; interleaved 1F1B
+with baseline, vocab-1 and vocab-2 x pp in {2, 3, 4} x m in {p (its smallest), 2p}, and v = 3 rows.
 """
 
 from __future__ import annotations
@@ -85,6 +86,19 @@ ZB_CASES = [
     case("vocab-2", 3, 4, vocab=509, **LLAMA, **ZB),
 ]
 CASES += ZB_CASES
+IL = {"schedule.name": "interleaved"}
+INTERLEAVED_CASES = [  # m a multiple of p: p (the smallest) and 2p; v = 2 unless named
+    *[case(method, pp, m, layers=2 * pp, tie=method != "baseline" and (pp + m // pp) % 2 == 1, **IL)
+      for method in ("baseline", "vocab-1", "vocab-2") for pp in (2, 3, 4) for m in (pp, 2 * pp)],
+    case("vocab-naive", 3, 3, layers=6, **IL),
+    case("vocab-2", 2, 2, layers=6, **IL, **{"schedule.virtual_stages": 3}),
+    case("baseline", 2, 4, layers=6, **IL, **{"schedule.virtual_stages": 3}),
+    case("vocab-1", 2, 2, dp=2, vocab=509, **IL),
+    case("vocab-1", 2, 4, layers=4, **IL, **{"model.activation_checkpointing": "full"}),  # per-chunk intervals
+    case("vocab-2", 2, 2, layers=4, vocab=509, **LLAMA, **IL),
+    case("vocab-2", 2, 2, layers=4, **IL, **{"precision": "bf16"}),
+]
+CASES += INTERLEAVED_CASES
 
 
 MATRIX = Matrix("equivalence", CASES, timeout_s=900)
@@ -159,7 +173,7 @@ def _compare_vocab_updates(params: dict, ref: dict, vocab_size: int, layers: int
 
 
 RECORDED = [c for c in CASES if c["overrides"]["method.name"] in VOCAB_METHODS
-            or c["overrides"].get("schedule.name") in ("vhalf", "zb-h1")]
+            or c["overrides"].get("schedule.name") in ("vhalf", "zb-h1", "interleaved")]
 
 
 @pytest.mark.parametrize("spec", RECORDED, ids=[c["name"] for c in RECORDED])

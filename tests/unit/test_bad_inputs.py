@@ -146,7 +146,6 @@ CASES: dict[str, Case] = {
     "vhalf-few-microbatches": v("train.global_batch_size", "schedule=vhalf", "train.global_batch_size=2"),
     "zb-h1-recompute": v("model.activation_checkpointing", "schedule=zb-h1", "model.activation_checkpointing=full"),
     "interlaced-zb-h1": v("method", "schedule=zb-h1", "method=interlaced"),
-    "interleaved-not-trained": v("schedule", "schedule=interleaved", "train.global_batch_size=8"),
     "interleaved-rounds": v("train.global_batch_size", "schedule=interleaved", "layout.pp=4", "model.num_layers=8",
                             "train.global_batch_size=6"),
     "interleaved-one-chunk": v("schedule.virtual_stages", "schedule=interleaved", "schedule.virtual_stages=1"),

@@ -123,7 +123,7 @@ def test_the_real_thread_clock_reads_its_own_thread() -> None:
     sum(i * i for i in range(10_000))
     second = real.read()
     assert all(value >= 0.0 for value in first)
-    assert all(b >= a for a, b in zip(first, second))
+    assert all(b >= a for a, b in zip(first, second, strict=True))
     if not real.sees_run_queue:
         pytest.skip("no /proc/thread-self/schedstat here: the run-queue counter reads 0")
     real.close()

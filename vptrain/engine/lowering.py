@@ -63,13 +63,14 @@ _TRANSFORMER = {
 }
 
 
-def lower_action(action: Action, *, num_microbatches: int, two_chunks: bool) -> list[ds.PipeInstruction]:
-    """One action as DeepSpeed instructions. With two chunks per rank (V-Half, DeepSpeed's DualPipeV
-    engine) transformer instructions carry the chunk as `phase`, chunk 1 uses buffer slots m..2m-1,
-    and every transfer is committed at once so it keeps the schedule's rendezvous semantics."""
+def lower_action(action: Action, *, num_microbatches: int, chunks: int) -> list[ds.PipeInstruction]:
+    """One action as DeepSpeed instructions. With several chunks per rank (V-Half, interleaved: the
+    DualPipeV engine's phases) transformer instructions carry the chunk as `phase`, chunk c uses
+    buffer slots c*m..(c+1)*m-1, and every transfer is committed at once so it keeps the schedule's
+    rendezvous semantics."""
     kind = action.kind
     if kind in _TRANSFORMER:
-        if not two_chunks:
+        if chunks == 1:
             if action.chunk != 0:
                 raise ValueError(f"{action}: the 1F1B engine runs one chunk per rank")
             return [_TRANSFORMER[kind](buffer_id=action.microbatch)]
@@ -91,7 +92,7 @@ class LoweredSchedule(ds.PipeSchedule):
         super().__init__(micro_batches=micro_batches, stages=stages, stage_id=stage_id)
         self.actions = actions
         self.chunks = chunks
-        self.instructions = [lower_action(a, num_microbatches=micro_batches, two_chunks=chunks == 2)
+        self.instructions = [lower_action(a, num_microbatches=micro_batches, chunks=chunks)
                              for a in actions]
 
     def steps(self):

@@ -42,7 +42,7 @@ class VHalfEngine(OrderCheckHook, VocabPassesMixin, DualPipeVEngine):
 
     def _split(self, buffer_id: int, phase: int) -> tuple[int, str]:
         mb = buffer_id - phase * self.micro_batches
-        return mb, f"{mb}.1" if phase else f"{mb}"
+        return mb, f"{mb}.{phase}" if phase else f"{mb}"
 
     def _exec_forward_pass(self, buffer_id, phase):
         mb, name = self._split(buffer_id, phase)
@@ -52,7 +52,7 @@ class VHalfEngine(OrderCheckHook, VocabPassesMixin, DualPipeVEngine):
             self.pipe_buffers["inputs"][buffer_id] = (
                 self._embedding_input(mb) if vocab_method else self.batch[mb][0]
             )
-        if self.stage_id == 0 and phase == 1 and not vocab_method:
+        if self._is_loss_stage(phase) and not vocab_method:
             self.pipe_buffers["labels"][buffer_id] = self.batch[mb][1]
         self._as_middle = vocab_method and self._is_loss_stage(phase)
         try:

@@ -88,7 +88,6 @@ class VocabTrainer(PipelineTrainer):
 
         self.cfg, self.device = cfg, device
         pp = cfg.layout.pp
-        vhalf = cfg.schedule.name == "vhalf"
         with_vocab = cfg.method.name in VOCAB_METHODS
         rank = dist.get_rank()
         self.resolved = plan = plan or resolve(cfg)
@@ -102,10 +101,11 @@ class VocabTrainer(PipelineTrainer):
         self.counts = list(plan.layout.stage_layers)  # 2p entries on V-Half
         parts = layer_boundaries(self.counts, leading=1, trailing=1 if with_vocab else 2)
         specs = [LayerSpec(cls, *args) for cls, args in layer_list(shape, with_vocab=not with_vocab)]
-        module_cls, engine_cls = self._classes(ds, vhalf)
+        module_cls, engine_cls = self._classes(ds, plan.layout.stages.placement)
+        chunked = {"chunks": plan.layout.stages.chunks} if plan.layout.stages.placement == "loop" else {}
         with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its topology on rank 0
             self.module = module_cls(specs, parts=parts, topology=make_topology(cfg),
-                                     loss_fn=None if with_vocab else plain_loss_fn(cfg, plan))
+                                     loss_fn=None if with_vocab else plain_loss_fn(cfg, plan), **chunked)
         shard = None
         if with_vocab:
             start, end = held.output_rows  # this rank's rows of both tables
@@ -163,11 +163,16 @@ class VocabTrainer(PipelineTrainer):
         )
 
     @staticmethod
-    def _classes(ds, vhalf: bool):
-        if vhalf:
+    def _classes(ds, placement: str):
+        """(module, engine) classes for a placement of kinds.py: line, v or loop."""
+        if placement == "v":
             from vptrain.engine.vhalf_engine import StagedDualPipeVModule, VHalfEngine
 
             return StagedDualPipeVModule, VHalfEngine
+        if placement == "loop":
+            from vptrain.engine.interleaved_engine import InterleavedEngine, StagedLoopModule
+
+            return StagedLoopModule, InterleavedEngine
         from vptrain.engine.pipeline import build_engine_classes
         from vptrain.engine.vocab_engine import VocabPipelineEngine
 

@@ -18,7 +18,6 @@ from vptrain.config import RunConfig
 from vptrain.launch.entry import write_run_dir
 from vptrain.launch.sbatch import job_shape, render
 from vptrain.run_lock import ensure_free
-from vptrain.validate import validate_trainable
 
 JOB_FILE = "job.sbatch"
 JOB_ID_FILE = "slurm_job_id"
@@ -76,7 +75,6 @@ def sbatch(script_path: str) -> str:
 
 def submit(cfg: RunConfig, flags: list[str] | None = None) -> int:
     flags = list(flags or [])
-    validate_trainable(cfg)
     cfg = for_slurm(cfg)
     shape = job_shape(cfg)
     script = render(cfg, workdir=os.getcwd())

@@ -29,8 +29,6 @@ class ScheduleKind:
     """The methods this schedule runs."""
     fixed_chunks: int | None
     """Model chunks per rank; None: `schedule.virtual_stages` decides (interleaved)."""
-    trains: bool = True
-    """An engine runs it; False: `vptrain plan` only (validate.validate_trainable refuses training)."""
 
     def chunks(self, virtual_stages: int = 2) -> int:
         return self.fixed_chunks if self.fixed_chunks is not None else virtual_stages
@@ -42,13 +40,10 @@ SCHEDULE_KINDS: dict[str, ScheduleKind] = {
         ScheduleKind("1f1b", "line", False, ALL_METHODS, 1),
         ScheduleKind("zb-h1", "line", True, ("baseline", "redis", "vocab-naive", "vocab-1", "vocab-2"), 1),
         ScheduleKind("vhalf", "v", True, ("baseline", "vocab-naive", "vocab-1", "vocab-2"), 2),
-        ScheduleKind("interleaved", "loop", False, ("baseline", "vocab-naive", "vocab-1", "vocab-2"), None,
-                     trains=False),
+        ScheduleKind("interleaved", "loop", False, ("baseline", "vocab-naive", "vocab-1", "vocab-2"), None),
     )
 }
 SCHEDULE_NAMES = tuple(SCHEDULE_KINDS)
-TRAINED_SCHEDULES = tuple(k.name for k in SCHEDULE_KINDS.values() if k.trains)
-"""The schedules an engine runs (`vptrain plan --search` ranks these unless told otherwise)."""
 
 
 def schedule_kind(name: str) -> ScheduleKind:
