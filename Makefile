@@ -30,8 +30,14 @@ run: $(STAMP)  ## train the default job (CPU, gloo, 2-stage pipeline, synthetic 
 plan: $(STAMP)  ## print the plan of the default job (no processes started)
 	$(BIN)/vptrain plan $(ARGS)
 
+# The unit tests are independent single processes: spread over every core (pytest-xdist). The
+# distributed and Slurm tests start several ranks each and share one engine-matrix group
+# (tests/distributed/_matrix_group.py) and one Slurm cluster, so they run in order after them.
+TEST_WORKERS ?= auto
+
 test: $(STAMP)  ## run the whole test suite
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests --ignore=tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check vptrain tests benchmarks
