@@ -8,6 +8,7 @@
     vptrain export-hf RUN_DIR OUT_DIR [--step N]   a run's checkpoint as a Hugging Face model
     vptrain compare DIR                     table + plots over the runs under DIR
     vptrain prepare-data ...                BPE tokenizer + memmap token shards from text files
+    vptrain --version                       the installed version
 
 Hydra composes the config once, here; config mistakes print one line and exit 2 before anything
 starts.
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if argv else EXIT_CONFIG_ERROR)
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"vptrain {version('vptrain')}")
+        sys.exit(0)
     command, rest = argv[0], argv[1:]
     if command in HYDRA_COMMANDS:
         if command in ("train", "eval"):
