@@ -275,20 +275,30 @@ def format_report(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+MEMORY_UNITS = (("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10), ("B", 1.0))
+
+
+def memory_unit(largest_bytes: float) -> tuple[str, float]:
+    """The largest unit in which `largest_bytes` reads at least 1 (a tiny model's table in KiB, not
+    a column of 0.00 GiB)."""
+    return next(((name, size) for name, size in MEMORY_UNITS if largest_bytes >= size), MEMORY_UNITS[-1])
+
+
 def _stage_table(plan: Plan) -> str:
+    unit, size = memory_unit(max(st.memory_total for st in plan.stages))
     head = ("rank", "layers", "emb rows", "out rows", "params", "param", "grad", "optim", "act", "vocab",
-            "total GiB", "FLOP/step", "busy s", "in-flight")
+            f"total {unit}", "FLOP/step", "busy s", "in-flight")
     rows = []
     for st in plan.stages:
         lay, mem = st.layout, st.memory
         rows.append((
             str(lay.pp_rank), "+".join(str(n) for n in lay.layers), _rows(lay.embedding_rows), _rows(lay.output_rows),
-            _si(st.parameters), *(f"{mem[k] / GIB:.2f}" for k in MEMORY_KINDS), f"{st.memory_total / GIB:.2f}",
+            _si(st.parameters), *(f"{mem[k] / size:.2f}" for k in MEMORY_KINDS), f"{st.memory_total / size:.2f}",
             _si(st.flops), f"{st.busy_s:.3g}", str(st.peak_in_flight),
         ))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    out = ["per stage (memory in GiB: parameters, gradients, optimizer state, activations, vocab buffers)"]
+    out = [f"per stage (memory in {unit}: parameters, gradients, optimizer state, activations, vocab buffers)"]
     out.append(fmt.format(*head))
     out += [fmt.format(*r) for r in rows]
     return "\n".join(out)

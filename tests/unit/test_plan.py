@@ -82,3 +82,20 @@ def test_memory_over_the_device_warns(tmp_path: Path) -> None:
                    f"hydra.run.dir={tmp_path}", check=True, timeout=120)
     assert "WARNING: pp rank 0 needs" in proc.stdout
     assert json.loads((tmp_path / "plan.json").read_text())["warnings"]
+
+
+def test_the_stage_table_reads_in_a_unit_that_shows_the_numbers() -> None:
+    from conftest import validated_config
+
+    from vptrain.plan import format_report, make_plan, memory_unit
+
+    assert memory_unit(3 * 2**30) == ("GiB", 2**30) and memory_unit(2**30 - 1) == ("MiB", 2**20)
+    assert memory_unit(5 * 2**10) == ("KiB", 2**10) and memory_unit(0.0) == ("B", 1.0)
+    tiny = format_report(make_plan(validated_config()))  # gpt-tiny: a few MiB per stage
+    assert "memory in MiB:" in tiny and "total MiB" in tiny
+    table = tiny.split("total MiB", 1)[1].split("\n\n", 1)[0]
+    totals = [float(row.split()[10]) for row in table.strip().splitlines()[1:]]
+    assert totals and all(t >= 1.0 for t in totals), table  # not a column of 0.00
+    big = format_report(make_plan(validated_config(**{"model.num_layers": 8, "model.hidden_size": 1024,
+                                                      "model.num_heads": 8, "model.vocab_size": 262144})))
+    assert "memory in GiB:" in big
