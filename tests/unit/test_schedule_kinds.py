@@ -62,3 +62,17 @@ def test_every_kind_has_a_colour_and_a_category() -> None:
     assert set(KIND_COLORS) == set(PassKind)
     for kind in PassKind:
         assert [kind.is_compute, kind.is_p2p, kind.is_collective].count(True) == 1
+
+
+def test_the_time_view_names_every_compute_pass() -> None:
+    """No pass hides behind another that starts in the same column (vocab-1 at p=2 starts IF0, IF1,
+    IF2 and F0 within one forward's time on rank 0)."""
+    from vptrain.schedule import build_schedule
+
+    s = build_schedule("vocab-1", "1f1b", 2, 8)
+    costs = PassCosts.uniform(s.p, s.chunks, f=1, b=2, w=0.5, s=0.3, t=0.3, input_f=0.1, input_b=0.1,
+                              p2p=0.05, collective=0.02)
+    grid = render_ascii(s, sim=simulate(s, costs), max_columns=None).splitlines()
+    for rank, row in enumerate(s.ranks):
+        shown = [cell for cell in grid[rank].split("|", 1)[1].replace(",", " ").split() if cell != "."]
+        assert shown == [str(a) for a in row if a.kind.is_compute], f"rank {rank}: {grid[rank]}"

@@ -110,9 +110,9 @@ def render_ascii(
     """The terminal grid: time view when `sim` is given, else order view.
 
     Time view: one column per time quantum (the shortest forward pass), each pass written in the
-    column where it starts and continued with '.' while it runs; blank cells are idle time. A
-    trailing '+' means shorter passes also start in that column (IF/IB/S/T next to an F). With
-    comms=True every action starting in a column is listed, separated by commas.
+    column where it starts and continued with '.' while it runs; blank cells are idle time. Every
+    pass starting in a column is listed, in start order, separated by commas (`IF0,IF1,IF2`: three
+    short passes within one quantum); comms=True adds the transfers and collectives.
     """
     if sim is None:
         return render_order(s, comms=comms, max_columns=max_columns)
@@ -126,26 +126,20 @@ def render_ascii(
     columns = int(sim.makespan / quantum + 1e-9) + 1
     rows: list[list[str]] = []
     for r, row in enumerate(s.ranks):
-        starting: list[list[tuple[float, Action]]] = [[] for _ in range(columns)]
+        starting: list[list[Action]] = [[] for _ in range(columns)]  # in the rank's order
         running = [False] * columns
         for n, a in enumerate(row):
             if not (comms or a.kind.is_compute):
                 continue
             start, end = sim.start[r][n], sim.end[r][n]
             c = min(int(start / quantum + 1e-9), columns - 1)
-            starting[c].append((end - start, a))
+            starting[c].append(a)
             last = min(int((end - 1e-9) / quantum + 1e-9), columns - 1) if end > start else c
             for k in range(c + 1, last + 1):
                 running[k] = True
         cells = []
         for here, busy in zip(starting, running, strict=True):
-            if not here:
-                cells.append("." if busy else "")
-            elif comms:
-                cells.append(",".join(str(a) for _, a in here))
-            else:
-                longest = max(here, key=lambda x: x[0])[1]
-                cells.append(f"{longest}+" if len(here) > 1 else str(longest))
+            cells.append(",".join(str(a) for a in here) if here else ("." if busy else ""))
         rows.append(cells)
     return _grid(rows, max_columns)
 
