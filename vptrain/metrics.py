@@ -218,4 +218,6 @@ class RunMetrics:
             table.add_row(str(s["stage"]), f"{s['params']:,}", f"{1000 * s['busy_s']:.1f}", mib.get("params", "-"),
                           mib.get("grads", "-"), mib.get("optimizer", "-"), mib.get("peak", "-"),
                           mib.get("peak_rss", "-"))
-        Console(file=sys.stdout).print(table)
+        # Off a terminal (a log file, Slurm's output) rich would fit the table to 80 columns and cut
+        # the headers and numbers; there nothing limits the width.
+        Console(file=sys.stdout, width=None if sys.stdout.isatty() else 10_000).print(table)
