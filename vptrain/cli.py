@@ -9,6 +9,7 @@
     vptrain compare DIR                     table + plots over the runs under DIR
     vptrain prepare-data ...                BPE tokenizer + memmap token shards from text files
     vptrain --version                       the installed version
+    vptrain COMMAND --help                  train/plan/submit/eval: config groups, keys, flags
 
 Hydra composes the config once, here; config mistakes print one line and exit 2 before anything
 starts.
@@ -40,6 +41,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     command, rest = argv[0], argv[1:]
     if command in HYDRA_COMMANDS:
+        if any(a in ("-h", "--help") for a in rest):
+            from vptrain.cli_help import command_help
+
+            print(command_help(command, CONF_DIR))
+            sys.exit(0)
         if command in ("train", "eval"):
             from vptrain.launch.env import external_launch
 

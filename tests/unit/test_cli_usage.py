@@ -34,3 +34,24 @@ def test_help_lists_every_command_and_no_command_is_an_error(capsys) -> None:
 def test_an_unknown_command_names_itself_and_exits_2(capsys) -> None:
     code, _, err = _run(["trian"], capsys)
     assert code == cli.EXIT_CONFIG_ERROR and "unknown command 'trian'" in err
+
+
+@pytest.mark.parametrize("command", ["train", "plan", "submit", "eval"])
+def test_command_help_lists_groups_keys_docs_and_flags(command, capsys, tmp_path, monkeypatch) -> None:
+    from vptrain.cli_help import config_keys
+    from vptrain.config import RunConfig
+
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _run([command, "--help"], capsys)
+    assert code == 0
+    assert list(tmp_path.iterdir()) == []  # help composes nothing and writes no run directory
+    for group in (REPO / "conf").iterdir():
+        if group.is_dir():
+            options = sorted(p.stem for p in group.glob("*.yaml"))
+            assert f"  {group.name:<11} {', '.join(options)}\n" in out, group.name
+    keys = [key for key, _, _ in config_keys(RunConfig)]
+    assert "layout.pp" in keys and "schedule.virtual_stages" in keys and "search.gpus" in keys
+    for key in keys:
+        assert f"  {key}=" in out, key
+    assert re.search(r"^  layout\.pp=2 +Pipeline stages\.$", out, re.M)  # the docstring config.py gives it
+    assert ("--dry-run" in out) == (command == "submit") and ("--search" in out) == (command == "plan")
