@@ -73,6 +73,10 @@ def worker(rank: int, overrides: list[str], steps: int, out: str, port: str) -> 
                       plan_activation_bytes=plan.stages[rank].memory["activations"],
                       plan_bubble=plan.sim.bubble_rate, in_flight=plan.stages[rank].peak_in_flight)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        # Tear down together, as the trainer does (train.run_on_rank): a rank that destroys its gloo
+        # context while its peer still uses it can abort at exit ("terminate called without an
+        # active exception", seen once on vhalf vocab-2).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
