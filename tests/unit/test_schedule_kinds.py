@@ -76,3 +76,32 @@ def test_the_time_view_names_every_compute_pass() -> None:
     for rank, row in enumerate(s.ranks):
         shown = [cell for cell in grid[rank].split("|", 1)[1].replace(",", " ").split() if cell != "."]
         assert shown == [str(a) for a in row if a.kind.is_compute], f"rank {rank}: {grid[rank]}"
+
+
+def test_a_long_schedule_picture_keeps_warm_up_and_cool_down_at_full_size(tmp_path: Path) -> None:
+    """schedule.png at m=128 is not a barcode: the steady state between two kept rounds is cut."""
+    from vptrain.schedule import Action, build_schedule
+    from vptrain.schedule.render import TimeAxis
+
+    costs = lambda s: PassCosts.uniform(s.p, s.chunks, f=1, b=2, w=0.5, s=0.3, t=0.3, input_f=0.1,  # noqa: E731
+                                        input_b=0.1, p2p=0.05, collective=0.02)
+    short = build_schedule("vocab-2", "1f1b", 4, 16)
+    assert not TimeAxis.of(short, simulate(short, costs(short))).elided  # m = 4p: drawn whole
+    for schedule in ("1f1b", "vhalf"):
+        s = build_schedule("vocab-1", schedule, 4, 128)
+        sim = simulate(s, costs(s))
+        axis = TimeAxis.of(s, sim)
+        assert axis.elided and axis.shown < sim.makespan / 3, (schedule, axis)
+        row = s.ranks[0]
+        first = row.index(Action(PassKind.F, 0))
+        last = row.index(Action(PassKind.B, 127))
+        for n in (first, last):  # the ends of the pipeline keep their true length
+            (shown,) = axis.visible(sim.start[0][n], sim.end[0][n])
+            assert shown[1] - shown[0] == pytest.approx(sim.end[0][n] - sim.start[0][n])
+        middle = row.index(Action(PassKind.F, 64, 0))
+        assert axis.visible(sim.start[0][middle], sim.end[0][middle]) == []  # inside the cut
+        straddling = [x for part in axis.visible(axis.cut_from - 1, axis.cut_to + 1) for x in part]
+        after_cut = axis.cut_from + axis.gap
+        assert straddling == pytest.approx([axis.cut_from - 1, axis.cut_from, after_cut, after_cut + 1])
+        render_png(s, sim, str(tmp_path / f"{schedule}.png"))
+        assert (tmp_path / f"{schedule}.png").stat().st_size > 10_000

@@ -12,6 +12,7 @@ Long rows are cut in the middle, keeping the warm-up and the cool-down.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from vptrain.schedule.ir import Action, PassKind, Schedule
 from vptrain.schedule.simulate import SimResult
@@ -164,39 +165,103 @@ def render_png(s: Schedule, sim: SimResult, path: str, *, title: str | None = No
     width_in, dpi, px_wide, px_row = 14.0, 110, 1800, 20
     image = np.full((p * px_row, px_wide, 3), 255, dtype=np.uint8)
     shades = {(k, c): _shade(to_rgb(KIND_COLORS[k]), c) for k in PassKind for c in (0, 1)}
-    scale = px_wide / makespan
-    labels: list[tuple[float, int, int]] = []
+    axis = TimeAxis.of(s, sim)
+    scale = px_wide / axis.shown
+    labels: list[tuple[float, int, str]] = []
     present: set[PassKind] = set()
     for r, row in enumerate(s.ranks):
         top = r * px_row
         for n, a in enumerate(row):
-            x0 = int(sim.start[r][n] * scale)
-            if not a.kind.is_compute:
-                image[top : top + 2, min(x0, px_wide - 1)] = shades[(a.kind, 0)]
-                continue
-            x1 = max(x0 + 1, int(sim.end[r][n] * scale))
-            if x1 - x0 >= 4:
-                x1 -= 1  # a white seam between adjacent boxes
-            image[top + 3 : top + px_row - 2, x0:x1] = shades[(a.kind, min(a.chunk, 1))]
-            present.add(a.kind)
-            if x1 - x0 >= 12:
-                labels.append(((sim.start[r][n] + sim.end[r][n]) / 2, r, a.microbatch))
+            for start, end in axis.visible(sim.start[r][n], sim.end[r][n]):
+                x0 = min(int(start * scale), px_wide - 1)
+                if not a.kind.is_compute:
+                    image[top : top + 2, x0] = shades[(a.kind, 0)]
+                    break
+                x1 = max(x0 + 1, int(end * scale))
+                if x1 - x0 >= 4:
+                    x1 -= 1  # a white seam between adjacent boxes
+                image[top + 3 : top + px_row - 2, x0:x1] = shades[(a.kind, min(a.chunk, 1))]
+                present.add(a.kind)
+                if x1 - x0 >= 12:  # the microbatch, and the chunk where a rank holds several (V-Half: 3.1)
+                    labels.append(((start + end) / 2, r, f"{a.microbatch}.{a.chunk}" if a.chunk else str(a.microbatch)))
     fig, ax = plt.subplots(figsize=(width_in, 0.45 * p + 1.4), dpi=dpi)
-    ax.imshow(image, extent=(0, makespan, p - 0.5, -0.5), aspect="auto", interpolation="nearest")
+    ax.imshow(image, extent=(0, axis.shown, p - 0.5, -0.5), aspect="auto", interpolation="nearest")
     if len(labels) <= 2000:
-        for x, r, mb in labels:
-            ax.text(x, r + 0.05, str(mb), ha="center", va="center", fontsize=6)
+        for x, r, text in labels:
+            ax.text(x, r + 0.05, text, ha="center", va="center", fontsize=6 if len(text) < 4 else 5)
     handles = [Patch(color=KIND_COLORS[k], label=k.value) for k in PassKind if k in present]
     if handles:
         ax.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=7, framealpha=0.9)
     ax.set_yticks(range(p), [f"rank {r}" for r in range(p)], fontsize=7)
     ax.set_ylim(p - 0.5, -1.0)
-    ax.set_xlim(0, makespan)
-    ax.set_xlabel("time (s)")
+    ax.set_xlim(0, axis.shown)
+    if axis.elided:
+        # The cut: a grey band, and the time axis labelled in real seconds on both sides of it.
+        ax.axvspan(axis.cut_from, axis.cut_from + axis.gap, color="0.85", zorder=0)
+        ax.text(axis.cut_from + axis.gap / 2, p / 2 - 0.5, f"{axis.cut_to - axis.cut_from:.3g} s of\nsteady state",
+                ha="center", va="center", rotation=90, fontsize=7)
+        ticks = [0.0, axis.cut_from, axis.cut_from + axis.gap, axis.shown]
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in (0.0, axis.cut_from, axis.cut_to, makespan)], fontsize=7)
+        for label, align in zip(ax.get_xticklabels(), ("left", "right", "left", "right"), strict=True):
+            label.set_horizontalalignment(align)  # the two sides of the cut, apart
+        ax.set_xlabel("time (s); warm-up and cool-down at full size, the steady state between them elided")
+    else:
+        ax.set_xlabel("time (s)")
     ax.set_title(title or f"{s.method} / {s.name}: p={p}, m={s.num_microbatches}, bubble {sim.bubble_rate:.1%}")
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.6 / fig.get_figheight(), top=1 - 0.45 / fig.get_figheight())
     fig.savefig(path)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class TimeAxis:
+    """Where the picture's x axis cuts: a long schedule (more than ELIDE_ABOVE_P * p microbatches)
+    keeps its warm-up and cool-down at full size and replaces the repetitive steady state between
+    them by a narrow band, so a 128-microbatch 1F1B does not become a barcode."""
+
+    makespan: float
+    cut_from: float = 0.0
+    cut_to: float = 0.0
+    gap: float = 0.0
+
+    ELIDE_ABOVE_P = 4  # microbatches per stage beyond which the steady state is elided
+    KEEP_ROUNDS = 2  # steady-state microbatches per stage kept on each side of the cut
+
+    @property
+    def elided(self) -> bool:
+        return self.cut_to > self.cut_from
+
+    @property
+    def shown(self) -> float:
+        """Length of the drawn axis (seconds, with the cut's band in place of what it hides)."""
+        return self.makespan - (self.cut_to - self.cut_from) + self.gap
+
+    @classmethod
+    def of(cls, s: Schedule, sim: SimResult) -> TimeAxis:
+        makespan, p, m = sim.makespan or 1.0, s.p, s.num_microbatches
+        if m <= cls.ELIDE_ABOVE_P * p:
+            return cls(makespan)
+        # Rank 0 runs every microbatch's first-chunk F and B: cut after the F of microbatch
+        # (KEEP_ROUNDS + 1) * p (the warm-up and two steady rounds) and before the B of microbatch
+        # m - KEEP_ROUNDS * p (two rounds before the cool-down).
+        starts = {(a.kind, a.microbatch, a.chunk): sim.start[0][n] for n, a in enumerate(s.ranks[0])}
+        cut_from = starts.get((K.F, (cls.KEEP_ROUNDS + 1) * p, 0))
+        cut_to = starts.get((K.B, m - cls.KEEP_ROUNDS * p, 0))
+        if cut_from is None or cut_to is None or cut_to - cut_from < 0.1 * makespan:
+            return cls(makespan)
+        return cls(makespan, cut_from, cut_to, gap=0.02 * (makespan - (cut_to - cut_from)))
+
+    def visible(self, start: float, end: float) -> list[tuple[float, float]]:
+        """[start, end) in drawn coordinates: the parts outside the cut (none if all inside it)."""
+        if not self.elided:
+            return [(start, end)]
+        shift = self.cut_to - self.cut_from - self.gap
+        parts = []
+        if start < self.cut_from:
+            parts.append((start, min(end, self.cut_from)))
+        if end > self.cut_to or (start >= self.cut_to and end == start):
+            parts.append((max(start, self.cut_to) - shift, end - shift))
+        return parts
 
 
 def _shade(rgb: tuple[float, float, float], chunk: int) -> tuple[int, ...]:
