@@ -55,6 +55,14 @@ def test_cpu_cluster_runs_pp_times_dp_over_nodes_tasks(tmp_path):
     assert "--gpus-per-node" not in proc.stdout and "export DS_ACCELERATOR=cpu" in proc.stdout
 
 
+@pytest.mark.parametrize("preset", ["h100", "a100"])
+def test_gpu_presets_give_each_rank_cores_and_the_job_whole_nodes(tmp_path, preset):
+    proc = dry_run(tmp_path / "run", f"cluster={preset}", "cluster.nodes=4", "model=gpt-4b", "layout.pp=8",
+                   "layout.dp=4", "cluster.partition=gpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --cpus-per-task=8\n" in proc.stdout and "#SBATCH --exclusive\n" in proc.stdout
+
+
 def test_the_api_key_never_enters_the_script(tmp_path):
     secret = "wandb-key-that-must-stay-in-the-environment"
     env = dict(os.environ, WANDB_API_KEY=secret)
