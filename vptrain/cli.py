@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         if any(a in ("-h", "--help") for a in rest):
             from vptrain.cli_help import command_help
 
-            print(command_help(command, CONF_DIR))
+            print(command_help(command, CONF_DIR, USAGE))
             sys.exit(0)
         if command in ("train", "eval"):
             from vptrain.launch.env import external_launch

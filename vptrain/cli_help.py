@@ -19,20 +19,12 @@ FLAGS = {
                ("-m", "one job per point of the comma-separated overrides")],
     "eval": [],
 }
-SUMMARY = {
-    "train": "compose, validate, start layout.pp * layout.dp workers, train",
-    "plan": "layout, memory, schedule and predicted time; starts nothing",
-    "submit": "render and submit an sbatch job per config",
-    "eval": "mean token loss on data.eval_path -> run_dir/eval.json",
-}
-
-
 KEY_WIDTH = 40
 
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """A dataclass's field -> the first line of the string literal written under it."""
+    """A dataclass's field -> the first paragraph of the string literal written under it, on one line."""
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
@@ -69,10 +61,16 @@ def group_options(conf_dir: str) -> dict[str, list[str]]:
             for group in sorted(Path(conf_dir).iterdir()) if group.is_dir()}
 
 
-def command_help(command: str, conf_dir: str) -> str:
+def summary(command: str, usage: str) -> str:
+    """What `command` does, from its line in the CLI's usage text (vptrain/cli.py's docstring)."""
+    line = next(ln for ln in usage.splitlines() if ln.strip().startswith(f"vptrain {command} "))
+    return line.split("   ")[-1].strip()
+
+
+def command_help(command: str, conf_dir: str, usage: str) -> str:
     from vptrain.config import RunConfig
 
-    lines = [f"vptrain {command} [flags] [group=option ...] [key=value ...]", "", SUMMARY[command], ""]
+    lines = [f"vptrain {command} [flags] [group=option ...] [key=value ...]", "", summary(command, usage), ""]
     if FLAGS[command]:
         lines.append("flags:")
         lines += [f"  {flag:<10} {what}" for flag, what in FLAGS[command]]

@@ -36,6 +36,7 @@ def case(method: str, m: int = 2, **extra) -> dict:
 
 VHALF = {"schedule.name": "vhalf"}
 ZB_H1 = {"schedule.name": "zb-h1"}
+INTERLEAVED = {"schedule.name": "interleaved"}
 SPLIT = ("vhalf", "zb-h1")  # schedules whose backward is split: their W passes run under the guard too
 CHUNKED = {"vocab.chunk_tokens": 3}
 CASES = [
@@ -52,6 +53,8 @@ CASES = [
     case("vocab-2", m=3, **ZB_H1),
     case("vocab-1", m=3, **ZB_H1, precision="bf16"),
     case("baseline", m=3, **ZB_H1),
+    case("vocab-2", m=2, **INTERLEAVED, **CHUNKED),
+    case("baseline", m=4, **INTERLEAVED),
 ]
 
 # Per-microbatch instructions: the compute passes and the vocabulary collectives' issue (their

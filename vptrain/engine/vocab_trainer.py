@@ -10,6 +10,7 @@ embedding and of the output layer beside the layer list (one tensor when tied).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -98,14 +99,13 @@ class VocabTrainer(PipelineTrainer):
         groups = vocab_groups(cfg, timedelta(seconds=cfg.train.collective_timeout_s)) if with_vocab else None
         self.schedule = plan.schedule
 
-        self.counts = list(plan.layout.stage_layers)  # 2p entries on V-Half
+        self.counts = list(plan.layout.stage_layers)  # chunks * p entries on V-Half and interleaved
         parts = layer_boundaries(self.counts, leading=1, trailing=1 if with_vocab else 2)
         specs = [LayerSpec(cls, *args) for cls, args in layer_list(shape, with_vocab=not with_vocab)]
-        module_cls, engine_cls = self._classes(ds, plan.layout.stages.placement)
-        chunked = {"chunks": plan.layout.stages.chunks} if plan.layout.stages.placement == "loop" else {}
+        module_cls, engine_cls = self._classes(ds, plan.layout.stages)
         with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its topology on rank 0
             self.module = module_cls(specs, parts=parts, topology=make_topology(cfg),
-                                     loss_fn=None if with_vocab else plain_loss_fn(cfg, plan), **chunked)
+                                     loss_fn=None if with_vocab else plain_loss_fn(cfg, plan))
         shard = None
         if with_vocab:
             start, end = held.output_rows  # this rank's rows of both tables
@@ -163,16 +163,16 @@ class VocabTrainer(PipelineTrainer):
         )
 
     @staticmethod
-    def _classes(ds, placement: str):
-        """(module, engine) classes for a placement of kinds.py: line, v or loop."""
-        if placement == "v":
+    def _classes(ds, stages):
+        """(module, engine) classes for the placement of `stages` (a StageMap; kinds.py: line, v or loop)."""
+        if stages.placement == "v":
             from vptrain.engine.vhalf_engine import StagedDualPipeVModule, VHalfEngine
 
             return StagedDualPipeVModule, VHalfEngine
-        if placement == "loop":
+        if stages.placement == "loop":
             from vptrain.engine.interleaved_engine import InterleavedEngine, StagedLoopModule
 
-            return StagedLoopModule, InterleavedEngine
+            return functools.partial(StagedLoopModule, chunks=stages.chunks), InterleavedEngine
         from vptrain.engine.pipeline import build_engine_classes
         from vptrain.engine.vocab_engine import VocabPipelineEngine
 

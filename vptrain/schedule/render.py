@@ -225,7 +225,7 @@ class TimeAxis:
     gap: float = 0.0
 
     ELIDE_ABOVE_P = 4  # microbatches per stage beyond which the steady state is elided
-    KEEP_ROUNDS = 2  # steady-state microbatches per stage kept on each side of the cut
+    KEEP_ROUNDS = 2  # rounds of p steady-state microbatches kept on each side of the cut
 
     @property
     def elided(self) -> bool:
