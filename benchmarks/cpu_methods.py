@@ -52,7 +52,7 @@ def train(run_dir: Path, overrides: list[str]) -> dict:
         raise RuntimeError(f"{' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
-    summary["iter_times"] = [r["iter_time_s"] for r in rows]
+    summary["iter_times"] = [r["time/iteration_s"] for r in rows]
     summary["ranks"] = [rank_split(rows, s["stage"]) for s in summary["stages"]]
     return summary
 
@@ -81,15 +81,15 @@ def rank_split(rows: list[dict], stage: int) -> dict[str, float]:
     descheduled of the step, time runnable but off the core (other processes); inside the parts above
     """
     def get(row: dict, name: str) -> float:
-        return row.get(f"time/stage_{stage}/instr_{name}", 0.0)
+        return row.get(f"time/stage_{stage}/instr_{name}_s", 0.0)
 
     per_step = []
     for r in rows:
         blocked = {k: get(r, f"blocked_{k}") for k in ("pass", "p2p", "collective", "optimizer", "other_instr")}
         outside = max(0.0, get(r, "step_blocked") - sum(blocked.values()))  # blocked outside any handler
-        step = get(r, "step") or r["iter_time_s"]
+        step = get(r, "step") or r["time/iteration_s"]
         part = {
-            "busy": r[f"time/stage_{stage}/busy"],
+            "busy": r[f"time/stage_{stage}/busy_s"],
             "optimizer": get(r, "optimizer") - blocked["optimizer"],
             "wait_p2p": blocked["p2p"],
             "wait_vocab": blocked["pass"] + blocked["collective"],

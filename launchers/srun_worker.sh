@@ -19,4 +19,10 @@ export RANK="$SLURM_PROCID" WORLD_SIZE="$SLURM_NTASKS" LOCAL_RANK="${SLURM_LOCAL
 if [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
   export LOCAL_WORLD_SIZE="${SLURM_NTASKS_PER_NODE%%(*}"  # "8(x4)" on some versions
 fi
+# Each rank's output also goes to RUN_DIR/logs/rank_<r>.log, as with the local launcher (appended:
+# a requeued attempt continues the file). tee ignores the signals Slurm sends the step, so it
+# outlives the rank's checkpoint on SIGTERM/USR2 and still has the rank's last lines.
+mkdir -p "$1/logs"
+exec > >(trap '' TERM INT HUP USR1 USR2; exec tee -a "$1/logs/rank_${RANK}.log") 2>&1
+echo "vptrain: rank $RANK of $WORLD_SIZE on $(hostname), job ${SLURM_JOB_ID:-?} attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )), $(date -Is)"
 exec "${VPTRAIN_PYTHON:-python3}" -m vptrain.launch.worker "$1"

@@ -78,6 +78,26 @@ def repo() -> Path:
     return REPO
 
 
+class ConsoleCapture:
+    """vptrain's console lines (vptrain/console.py) go to stdout, or to logging once logging is
+    configured for them (an in-process Hydra run earlier in the same test process does that):
+    read both."""
+
+    def __init__(self, capsys, caplog):
+        self.capsys, self.caplog = capsys, caplog
+
+    def read(self) -> str:
+        out = self.capsys.readouterr().out
+        logged = "".join(r.getMessage() + "\n" for r in self.caplog.records if r.name.startswith("vptrain"))
+        self.caplog.clear()
+        return out + logged
+
+
+@pytest.fixture
+def console(capsys, caplog) -> ConsoleCapture:
+    return ConsoleCapture(capsys, caplog)
+
+
 @dataclass(frozen=True)
 class SlurmCluster:
     nodes: int

@@ -51,6 +51,9 @@ class OfflineRun:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     exit_code: int | None = None
+    tags: list[str] = field(default_factory=list)
+    console: str = ""  # the captured console output (W&B's Logs tab)
+    stats: list[dict] = field(default_factory=list)  # system metric samples
 
 
 def _key(item) -> str:
@@ -71,6 +74,7 @@ def read_run(path: str) -> OfflineRun:
         if kind == "run":
             r = rec.run
             run.run_id, run.group, run.name, run.job_type = r.run_id, r.run_group, r.display_name, r.job_type
+            run.tags = list(r.tags)
             for item in r.config.update:
                 run.config[_key(item)] = json.loads(item.value_json)
         elif kind == "config":
@@ -81,6 +85,10 @@ def read_run(path: str) -> OfflineRun:
         elif kind == "summary":
             for item in rec.summary.update:
                 run.summary[_key(item)] = json.loads(item.value_json)
+        elif kind in ("output", "output_raw"):
+            run.console += getattr(rec, kind).line
+        elif kind == "stats":
+            run.stats.append({i.key: json.loads(i.value_json) for i in rec.stats.item})
         elif kind == "exit":
             run.exit_code = rec.exit.exit_code
     return run

@@ -1,227 +1,144 @@
-"""`vptrain compare DIR`: the paper's comparison, from your own runs, offline.
+"""`vptrain compare DIR`: the paper's comparison, from your own runs and plans, offline.
 
-Reads every run under DIR (a directory holding `summary.json` and `config.yaml`, as `vptrain
-train` and `vptrain submit` leave them; a sweep directory holds one per point) and writes into DIR
-(or --out):
+Reads every run under DIR (a directory holding `summary.json`, as `vptrain train` and `vptrain
+submit` leave them, or `plan.json`, as `vptrain plan` does; a sweep directory holds one per point),
+names each by the overrides that vary between them, gathers repeats (runs that differ only in
+train.seed) into one point, and writes into DIR (or --out):
 
-    comparison.md              one row per run: throughput, MFU, per-stage peak memory, balance
-    comparison.csv             the same, with one column per stage
-    throughput_vs_vocab.png    tokens/s against vocabulary size, one line per method
-    peak_memory_vs_vocab.png   per-stage peak memory against vocabulary size: the most loaded
-                               stage (solid) and the least loaded (dashed), one colour per method
+    comparison.md              one row per point: throughput (median and range of the repeats), MFU,
+                               per-stage busy time and its max/min balance beside the plan's, per-stage
+                               peak memory and its max/min
+    comparison.csv             one row per run, one column per stage
+    throughput_vs_vocab.png    tokens/s against vocabulary size, one line per series, repeats' range as bars
+    peak_memory_vs_vocab.png   per-stage peak memory against vocabulary size: the most loaded stage
+                               (solid) and the least loaded (dashed)
+    busy_per_stage.png         busy time per stage, bars per point: the balance the methods are about
+    loss_vs_step.png           training loss per step (median of the repeats), measured runs only
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from vptrain.config import METHODS
+from vptrain.compare_plots import plot
+from vptrain.compare_runs import Point, Run, Spread, balance, find_runs, points, run_name, varying_overrides
 
 MIB = 2**20
-SKIP_DIRS = {"wandb", "checkpoints", ".submitit", ".hydra", "logs", "params"}
-LABEL_KEYS = ("schedule", "pp", "dp", "model")
 
 
-@dataclass
-class Run:
-    path: str
-    method: str
-    schedule: str
-    pp: int
-    dp: int
-    model: str
-    vocab_size: int
-    steps_done: int
-    steps_planned: int
-    final_loss: float | None
-    tokens_per_s: float | None
-    tflops_per_device: float | None
-    mfu: float | None
-    iter_s: float | None
-    stage_peaks: list[int] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return self.steps_done >= self.steps_planned
-
-    @property
-    def peak_max(self) -> int:
-        return max(self.stage_peaks, default=0)
-
-    @property
-    def peak_min(self) -> int:
-        return min(self.stage_peaks, default=0)
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
 
 
-def _read_config(run_dir: Path) -> dict:
-    from omegaconf import OmegaConf
-
-    path = run_dir / "config.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}  # type: ignore[return-value]
-
-
-def find_runs(root: Path) -> list[Run]:
-    runs = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        if "summary.json" not in filenames:
-            continue
-        run_dir = Path(dirpath)
-        s = json.loads((run_dir / "summary.json").read_text())
-        cfg = _read_config(run_dir)
-        runs.append(Run(
-            path=os.path.relpath(run_dir, root),
-            method=s.get("method", "?"),
-            schedule=s.get("schedule", "?"),
-            pp=int(s.get("pp", 0)),
-            dp=int(s.get("dp", 0)),
-            model=cfg.get("model", {}).get("name", "?"),
-            vocab_size=int(s.get("vocab_size", 0)),
-            steps_done=int(s.get("steps", len(s.get("losses", [])))),
-            steps_planned=int(cfg.get("train", {}).get("steps", s.get("steps", 0))),
-            final_loss=s.get("final_loss"),
-            tokens_per_s=s.get("tokens_per_s"),
-            tflops_per_device=s.get("tflops_per_device"),
-            mfu=s.get("mfu"),
-            iter_s=s.get("median_iter_time_s"),
-            stage_peaks=[int(st.get("peak_memory_bytes", 0)) for st in s.get("stages", [])],
-        ))
-    order = {m: i for i, m in enumerate(METHODS)}
-    runs.sort(key=lambda r: (order.get(r.method, len(order)), r.method, r.schedule, r.pp, r.dp, r.vocab_size, r.path))
-    return runs
+def _spread(s: Spread | None, spec: str, scale: float = 1.0) -> str:
+    if s is None:
+        return "-"
+    if s.n == 1 or s.low == s.high:
+        return format(s.median * scale, spec)
+    return f"{s.median * scale:{spec}} ({s.low * scale:{spec}}-{s.high * scale:{spec}})"
 
 
-def series_label(run: Run, varying: tuple[str, ...]) -> str:
-    extra = [f"{k}={getattr(run, k)}" for k in varying]
-    return run.method + (f" ({', '.join(extra)})" if extra else "")
+def _per_stage(values: list[float], spec: str, scale: float) -> str:
+    return " / ".join(format(v * scale, spec) for v in values) or "-"
 
 
-def varying_keys(runs: list[Run]) -> tuple[str, ...]:
-    return tuple(k for k in LABEL_KEYS if len({getattr(r, k) for r in runs}) > 1)
+def _ratio(values: list[float]) -> str:
+    return _fmt(balance(values), ".2f")
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+HEAD = ["point", "kind", "method", "schedule", "pp", "dp", "vocab", "runs", "steps", "final loss",
+        "tokens/s", "MFU %", "ms/it", "ms/it (plan)", "busy ms per stage", "busy max/min",
+        "busy max/min (plan)", "peak MiB per stage", "peak max/min"]
 
 
-def markdown(runs: list[Run]) -> str:
-    head = ["run", "method", "schedule", "pp", "dp", "vocab", "steps", "final loss", "tokens/s", "TFLOP/s/dev",
-            "MFU %", "ms/it", "peak MiB per stage", "max/min"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in runs:
-        peaks = " / ".join(f"{p / MIB:.1f}" for p in r.stage_peaks) or "-"
-        ratio = f"{r.peak_max / r.peak_min:.2f}" if r.peak_min else "-"
-        steps = f"{r.steps_done}/{r.steps_planned}" + ("" if r.complete else " (incomplete)")
-        cells = [r.path, r.method, r.schedule, str(r.pp), str(r.dp), str(r.vocab_size), steps,
-                 _fmt(r.final_loss, ".4f"), _fmt(r.tokens_per_s, ",.0f"), _fmt(r.tflops_per_device, ".3f"),
-                 _fmt(None if r.mfu is None else 100 * r.mfu, ".2f"), _fmt(None if r.iter_s is None else
-                                                                             1000 * r.iter_s, ".1f"), peaks, ratio]
+def markdown(pts: list[Point]) -> str:
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    for pt in pts:
+        r = pt.first
+        if r.kind == "planned":
+            steps, loss = "-", "-"
+        else:
+            done = min(x.steps_done for x in pt.runs)
+            steps = f"{done}/{r.steps_planned}" + ("" if all(x.complete for x in pt.runs) else " (incomplete)")
+            loss = _spread(Spread.of([x.losses[-1] if x.losses else None for x in pt.runs]), ".4f")
+        cells = [pt.name, r.kind, r.method, r.schedule, str(r.pp), str(r.dp), str(r.vocab_size), str(len(pt.runs)),
+                 steps, loss, _spread(pt.spread("tokens_per_s"), ",.0f"), _spread(pt.spread("mfu"), ".2f", 100),
+                 _spread(pt.spread("iter_s"), ".1f", 1000), _spread(pt.spread("plan_iter_s"), ".1f", 1000),
+                 _per_stage(pt.stage_busy, ".1f", 1000), _ratio(pt.stage_busy), _ratio(pt.plan_busy),
+                 _per_stage(pt.stage_peaks, ".1f", 1 / MIB), _ratio(pt.stage_peaks)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+NOTES = """\
+- tokens/s, MFU, ms/it: the median over a run's steps after the first; with repeats, the median of the
+  repeats and their range (low-high). Where two points' ranges overlap, their order is not established.
+- busy: a stage's compute time per step (median over steps); max/min 1.00 is a balanced pipeline.
+  "(plan)": the cost model's figure for the same config (cluster.profile); on a CPU only ratios compare.
+- peak memory: measured (CUDA peak, or on CPU parameters + gradients + optimizer state), or the plan's
+  total for plan.json points.
+"""
+
+
+def overlapping(pts: list[Point]) -> list[tuple[str, str]]:
+    """Measured points of the same series whose tokens/s ranges overlap (the ranking is within noise)."""
+    out = []
+    measured = [p for p in pts if p.first.kind == "measured" and p.spread("tokens_per_s")]
+    for i, a in enumerate(measured):
+        for b in measured[i + 1:]:
+            sa, sb = a.spread("tokens_per_s"), b.spread("tokens_per_s")
+            if (a.first.vocab_size == b.first.vocab_size and sa and sb and max(sa.n, sb.n) > 1
+                    and sa.low <= sb.high and sb.low <= sa.high):
+                out.append((a.name, b.name))
+    return out
+
+
 def write_csv(runs: list[Run], path: Path) -> None:
     stages = max((len(r.stage_peaks) for r in runs), default=0)
-    fields = ["run", "method", "schedule", "pp", "dp", "model", "vocab_size", "steps_done", "steps_planned",
-              "final_loss", "tokens_per_s", "tflops_per_device", "mfu", "median_iter_time_s", "peak_memory_max_bytes",
-              "peak_memory_min_bytes"] + [f"stage_{i}_peak_memory_bytes" for i in range(stages)]
+    varying = varying_overrides(runs)
+    fields = (["point", "run", "kind", "method", "schedule", "pp", "dp", "model", "vocab_size", "steps_done",
+               "steps_planned", "final_loss", "tokens_per_s", "mfu", "median_iter_time_s", "plan_iteration_s",
+               "busy_max_over_min", "plan_busy_max_over_min", "peak_memory_max_over_min"]
+              + [f"stage_{i}_busy_s" for i in range(stages)] + [f"stage_{i}_plan_busy_s" for i in range(stages)]
+              + [f"stage_{i}_peak_memory_bytes" for i in range(stages)])
+
+    def pad(values: list[float]) -> list:
+        return list(values) + [""] * (stages - len(values))
+
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
         for r in runs:
-            w.writerow([r.path, r.method, r.schedule, r.pp, r.dp, r.model, r.vocab_size, r.steps_done,
-                        r.steps_planned, r.final_loss, r.tokens_per_s, r.tflops_per_device, r.mfu, r.iter_s,
-                        r.peak_max, r.peak_min] + r.stage_peaks + [""] * (stages - len(r.stage_peaks)))
-
-
-def _series(runs: list[Run]) -> dict[str, list[Run]]:
-    varying = varying_keys(runs)
-    out: dict[str, list[Run]] = {}
-    for r in runs:
-        out.setdefault(series_label(r, varying), []).append(r)
-    return out
-
-
-def _points(runs: list[Run], value) -> tuple[list[int], list[float]]:
-    """Mean per vocabulary size (repeated runs of one point are averaged)."""
-    by_vocab: dict[int, list[float]] = {}
-    for r in runs:
-        v = value(r)
-        if v is not None:
-            by_vocab.setdefault(r.vocab_size, []).append(v)
-    xs = sorted(by_vocab)
-    return xs, [statistics.fmean(by_vocab[x]) for x in xs]
-
-
-def plot(runs: list[Run], out: Path, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    series = _series(runs)
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, rs in series.items():
-        xs, ys = _points(rs, lambda r: r.tokens_per_s)
-        ax.plot(xs, ys, marker="o", label=label)
-    _axes(ax, "tokens/s (median step)", f"{title}: throughput")
-    paths.append(_save(fig, out / "throughput_vs_vocab.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, rs) in enumerate(series.items()):
-        color = colors[i % len(colors)]
-        xs, ys = _points(rs, lambda r: r.peak_max / MIB if r.stage_peaks else None)
-        ax.plot(xs, ys, marker="o", color=color, label=f"{label}: most loaded stage")
-        xs, ys = _points(rs, lambda r: r.peak_min / MIB if r.stage_peaks else None)
-        ax.plot(xs, ys, marker="x", linestyle="--", color=color, label=f"{label}: least loaded stage")
-    _axes(ax, "peak memory per stage (MiB)", f"{title}: per-stage peak memory")
-    paths.append(_save(fig, out / "peak_memory_vs_vocab.png"))
-    return paths
-
-
-def _axes(ax, ylabel: str, title: str) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("vocabulary size")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+            w.writerow([run_name(r, varying), r.path, r.kind, r.method, r.schedule, r.pp, r.dp, r.model,
+                        r.vocab_size, r.steps_done, r.steps_planned, r.losses[-1] if r.losses else "",
+                        r.tokens_per_s, r.mfu, r.iter_s, r.plan_iter_s, balance(r.stage_busy), balance(r.plan_busy),
+                        balance(r.stage_peaks)] + pad(r.stage_busy) + pad(r.plan_busy) + pad(r.stage_peaks))
 
 
 def compare(root: Path, out: Path | None = None, title: str | None = None) -> list[Path]:
     runs = find_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no runs (summary.json) under {root}")
+        raise FileNotFoundError(f"no runs (summary.json) or plans (plan.json) under {root}")
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(runs)
+    pts = points(runs)
+    notes = NOTES
+    close = overlapping(pts)
+    if close:
+        notes += "- within noise (tokens/s ranges overlap): " + "; ".join(f"{a} ~ {b}" for a, b in close) + "\n"
     md = out / "comparison.md"
-    md.write_text(f"# {title or root.name}\n\n{len(runs)} runs under `{root}`.\n\n{table}")
+    md.write_text(f"# {title or root.name}\n\n{len(runs)} runs, {len(pts)} points under `{root}`.\n\n"
+                  f"{markdown(pts)}\n{notes}")
     write_csv(runs, out / "comparison.csv")
-    return [md, out / "comparison.csv", *plot(runs, out, title or root.name)]
+    return [md, out / "comparison.csv", *plot(pts, out, title or root.name)]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vptrain compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("dir", type=Path, help="a sweep directory (or any directory holding runs)")
+    ap.add_argument("dir", type=Path, help="a sweep directory (or any directory holding runs or plans)")
     ap.add_argument("--out", type=Path, default=None, help="where to write the table and plots (default: DIR)")
     ap.add_argument("--title", default=None, help="plot title (default: the directory name)")
     args = ap.parse_args(argv)

@@ -179,6 +179,12 @@ class LoggerConfig:
     run_name: str | None = None
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
+    """added to the tags every run gets: its method, schedule and layout (method:vocab-2,
+    schedule:1f1b, pp:4, dp:1)"""
+    console: bool = True
+    """W&B records the logging rank's console output (its Logs tab)"""
+    system_metrics_interval_s: float = 15.0
+    """seconds between W&B's system metric samples (CPU, memory, GPU); 0 turns them off"""
 
 
 @dataclass
@@ -209,13 +215,31 @@ class ClusterConfig:
     time: str = "01:00:00"
     cpus_per_task: int = 1
     mem_gb: int | None = None
+    """--mem: GB per node (null: the site's default)"""
+    mem_per_gpu_gb: int | None = None
+    """--mem-per-gpu instead of --mem (not both)"""
+    gpu_bind: str | None = "closest"
+    """GPU jobs: each task gets its own GPU (--gpus-per-task=1) bound this way (--gpu-bind=closest:
+    the GPU nearest the task's cores); null requests --gpus-per-node and every task sees them all"""
+    cpu_bind: str | None = None
+    """srun --cpu-bind (e.g. cores: each rank pinned to its cpus_per_task cores); null leaves Slurm's default"""
+    nccl_debug: str | None = None
+    """NCCL_DEBUG for the job (WARN, INFO, ...); null leaves it unset"""
+    network_interface: str | None = None
+    """NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (e.g. ib0, or ^lo,docker0 to exclude); null: autodetect"""
+    env: dict[str, str] = field(default_factory=dict)
+    """More environment variables the batch script exports (e.g. NCCL_IB_HCA: mlx5)"""
+    workdir: str | None = None
+    """Where the job runs: the vptrain checkout on the cluster (launchers/srun_worker.sh is found
+    there); null: this checkout, for clusters that share its filesystem"""
     extra_sbatch: list[str] = field(default_factory=list)
     """More sbatch options, e.g. ["--exclusive", "--constraint=h100"]."""
     setup: list[str] = field(default_factory=list)
     """Shell lines the batch script runs before starting the ranks (module load, conda activate, ...)."""
     require_partition: bool = False
     """Refuse to submit without cluster.partition (for sites with no default partition)."""
-    job_name: str = "vptrain"
+    job_name: str | None = None
+    """null: vptrain, the experiment and the overrides that made the run (vptrain_gpt-4b_pp8_vocab-2)"""
     python: str | None = None
     """Interpreter on the compute nodes (default: the one running `vptrain submit`)."""
     signal: str = "USR2"

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 from vptrain.config import RunConfig, default_intermediate_size
 
-# Dense peak TFLOP/s per device used for MFU (bf16 tensor cores for GPUs). The CPU figure is a
-# nominal 2-core AVX2 fp32 rate; CPU MFU is only comparable between runs on the same machine.
-PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "cpu": 0.1}
-
 
 def transformer_layer_flops(cfg: RunConfig, tokens: int) -> float:
     h, s = cfg.model.hidden_size, cfg.model.seq_len
@@ -43,4 +39,8 @@ def step_flops(cfg: RunConfig) -> float:
 
 
 def peak_tflops(cfg: RunConfig) -> float:
-    return PEAK_TFLOPS.get(cfg.cluster.profile, PEAK_TFLOPS["cpu"])
+    """The dense peak of the precision the run uses (fp32 runs against the fp32 rate, not the bf16
+    tensor-core rate), from the same device profile as the plan's MFU."""
+    from vptrain.schedule.profiles import device_profile
+
+    return device_profile(cfg.cluster.profile).peak_flops[cfg.precision] / 1e12

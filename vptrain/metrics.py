@@ -2,7 +2,7 @@
 
 Every rank measures its own busy time and memory; `gather_stage_stats` collects them so the
 logging rank (global rank 0) can report them per pipeline stage under stable names
-(`time/stage_<i>/busy`, `memory/stage_<i>/<kind>`).
+(`time/stage_<i>/busy_s`, `memory/stage_<i>/<kind>_bytes`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from vptrain.config import RunConfig
+from vptrain.console import PROGRESS_ENV, console_line, progress_marker
 from vptrain.flops import peak_tflops, step_flops
 
 
@@ -61,8 +62,8 @@ def gather_stage_stats(local: dict[str, Any], num_stages: int) -> list[dict[str,
 
 
 def truncate_rows(path: str, *, keep_steps: int) -> None:
-    """Keep the rows of steps 0..keep_steps-1 in a metrics.jsonl (rewritten atomically); a torn
-    last line (a crash mid-write) goes too."""
+    """Keep the rows of steps 1..keep_steps (optimizer steps done) in a metrics.jsonl (rewritten
+    atomically); a torn last line (a crash mid-write) goes too."""
     if not os.path.exists(path):
         return
     kept = []
@@ -72,7 +73,7 @@ def truncate_rows(path: str, *, keep_steps: int) -> None:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < keep_steps:
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= keep_steps:
                 kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -93,6 +94,11 @@ def logged_eval_losses(path: str) -> dict[int, float]:
     return out
 
 
+def _median_after_first(values: list[float]) -> float:
+    # The first step includes warm-up (allocations, p2p shape exchange): leave it out when possible.
+    return statistics.median(values[1:] or values)
+
+
 @dataclass
 class RunMetrics:
     cfg: RunConfig
@@ -103,9 +109,12 @@ class RunMetrics:
     iter_times: list[float] = field(default_factory=list)
     last_stages: list[dict[str, Any]] = field(default_factory=list)
     peak_by_stage: dict[int, dict[str, int]] = field(default_factory=dict)
+    busy_by_stage: dict[int, list[float]] = field(default_factory=dict)  # stage -> busy seconds per step
     eval_losses: dict[int, float] = field(default_factory=dict)  # step -> eval/loss (train.eval_every)
 
     def __post_init__(self):
+        # Asked by a local launcher on a terminal: one marker line per step for its progress bar.
+        self.progress_markers = self.is_logger and os.environ.get(PROGRESS_ENV) == "1"
         self.tokens_per_step = self.cfg.train.global_batch_size * self.cfg.model.seq_len
         self.flops_per_step = step_flops(self.cfg)
         self.path = os.path.join(self.cfg.run_dir, "metrics.jsonl")
@@ -127,53 +136,57 @@ class RunMetrics:
         self.iter_times.append(iter_s)
         self.last_stages = stages
         for s in stages:
+            self.busy_by_stage.setdefault(s["stage"], []).append(s["busy_s"])
             best = self.peak_by_stage.setdefault(s["stage"], {})
             for kind, value in s["memory"].items():
                 best[kind] = max(best.get(kind, 0), value)
         tflops = self.flops_per_step / iter_s / self.world_size / 1e12
+        # `step` counts optimizer steps done (1 after the first), the same in the console,
+        # metrics.jsonl and W&B; names follow the ecosystem's `section/name` convention.
         row: dict[str, Any] = {
-            "step": step,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "iter_time_s": iter_s,
-            "tokens_per_s": self.tokens_per_step / iter_s,
-            "tflops_per_device": tflops,
-            "mfu": tflops / peak_tflops(self.cfg),
+            "step": step + 1,
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "time/iteration_s": iter_s,
+            "throughput/tokens_per_s": self.tokens_per_step / iter_s,
+            "throughput/tflops_per_device": tflops,
+            "throughput/mfu": tflops / peak_tflops(self.cfg),
         }
         if eval_loss is not None:
             row["eval/loss"] = eval_loss
-            self.eval_losses[step] = eval_loss
+            self.eval_losses[step + 1] = eval_loss
         for s in stages:
             i = s["stage"]
-            row[f"time/stage_{i}/busy"] = s["busy_s"]
+            row[f"time/stage_{i}/busy_s"] = s["busy_s"]
             for kind, value in s.get("instr_s", {}).items():  # host time per instruction kind
-                row[f"time/stage_{i}/instr_{kind}"] = value
+                row[f"time/stage_{i}/instr_{kind}_s"] = value
             for kind, value in s["memory"].items():
-                row[f"memory/stage_{i}/{kind}"] = value
+                row[f"memory/stage_{i}/{kind}_bytes"] = value
         if self.is_logger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.wandb is not None:
-                self.wandb.log(row, step=step)
-            if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps - 1 or eval_loss is not None:
+                self.wandb.log(row, step=row["step"])
+            done = row["step"]
+            if self.progress_markers:
+                print(progress_marker(done, self.cfg.train.steps), flush=True)
+            if done in (1, self.cfg.train.steps) or done % self.cfg.train.log_every == 0 or eval_loss is not None:
                 self._print(row)
         return row
 
     def _print(self, row: dict[str, Any]) -> None:
-        gn = "-" if row["grad_norm"] is None else f"{row['grad_norm']:.3f}"
-        print(
-            f"step {row['step'] + 1:>5}/{self.cfg.train.steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} "
-            f"| gnorm {gn} | {row['tokens_per_s']:,.0f} tok/s | {row['tflops_per_device']:.3f} TFLOP/s/dev "
-            f"| MFU {100 * row['mfu']:.2f}% | {row['iter_time_s'] * 1000:.0f} ms/it"
+        gn = "-" if row["train/grad_norm"] is None else f"{row['train/grad_norm']:.3f}"
+        console_line(
+            f"step {row['step']:>5}/{self.cfg.train.steps} | loss {row['train/loss']:.4f} | lr {row['train/lr']:.2e} "
+            f"| gnorm {gn} | {row['throughput/tokens_per_s']:,.0f} tok/s "
+            f"| {row['throughput/tflops_per_device']:.3f} TFLOP/s/dev | MFU {100 * row['throughput/mfu']:.2f}% "
+            f"| {row['time/iteration_s'] * 1000:.0f} ms/it"
             + (f" | eval loss {row['eval/loss']:.4f}" if "eval/loss" in row else ""),
-            flush=True,
         )
 
     def summary(self) -> dict[str, Any]:
-        # The first step includes warm-up (allocations, p2p shape exchange): leave it out when possible.
-        times = self.iter_times[1:] or self.iter_times
-        med = statistics.median(times) if times else float("nan")
+        med = _median_after_first(self.iter_times) if self.iter_times else float("nan")
         stages = []
         for s in self.last_stages:
             stages.append({
@@ -182,6 +195,7 @@ class RunMetrics:
                 "peak_memory_bytes": self.peak_by_stage.get(s["stage"], {}).get("peak", 0),
                 "memory_bytes": self.peak_by_stage.get(s["stage"], {}),
                 "busy_s_last_step": s["busy_s"],
+                "busy_s_median": _median_after_first(self.busy_by_stage.get(s["stage"], [s["busy_s"]])),
             })
         return {
             "run_dir": self.cfg.run_dir,

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from vptrain import checkpoint
 from vptrain.config import RunConfig, to_dict
+from vptrain.console import console_line
 from vptrain.data import StepData
 from vptrain.engine.deepspeed_setup import new_groups_time_out_after
 from vptrain.evaluate import Evaluator
@@ -135,7 +136,7 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
     plan = resolve(cfg)  # once: the layout, shards and schedule this rank executes
     trainer = build_trainer(cfg, device, launch.rank, plan)
     data = StepData(cfg)
-    say = (lambda msg: print(f"vptrain: {msg}", flush=True)) if is_logger else (lambda msg: None)
+    say = (lambda msg: console_line(f"vptrain: {msg}")) if is_logger else (lambda msg: None)
     resume_from = checkpoint.resolve_resume(cfg, report=say)
     wandb = None
     if is_logger and cfg.logger.name == "wandb":
@@ -144,10 +145,12 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
         # Continue the W&B run of the checkpoint resumed from; anything else is a new W&B run.
         resume_id = (checkpoint.read_meta(resume_from) or {}).get("wandb_run_id") if resume_from else None
         wandb = WandbLogger(cfg, config=run_config(cfg, to_dict(cfg), plan=plan), resume_id=resume_id)
+        if resume_id is None:  # a resumed W&B run has it already
+            wandb.log_schedule(cfg, plan)
     metrics = RunMetrics(cfg, is_logger=is_logger, world_size=launch.world_size, wandb=wandb)
     if is_logger:
-        print(f"vptrain: {cfg.method.name} on {cfg.schedule.name}, pp={cfg.layout.pp} dp={cfg.layout.dp}, "
-              f"{cfg.train.steps} steps, run dir {cfg.run_dir}", flush=True)
+        say(f"{cfg.method.name} on {cfg.schedule.name}, pp={cfg.layout.pp} dp={cfg.layout.dp}, "
+            f"{cfg.train.steps} steps, run dir {cfg.run_dir}")
     start_step, losses = 0, []
     if resume_from is not None:
         try:
@@ -196,9 +199,7 @@ def _train(cfg: RunConfig, launch: LaunchEnv, device: torch.device, is_logger: b
                 preempt.record(cfg.run_dir, step=done, total_steps=cfg.train.steps, is_logger=is_logger)
                 break
             if stopping:
-                if is_logger:
-                    print(f"vptrain: stopping at step {done} (train.stop_at_step); resume with train.resume=auto",
-                          flush=True)
+                say(f"stopping at step {done} (train.stop_at_step); resume with train.resume=auto")
                 break
         if cfg.train.dump_params:
             _dump_params(cfg, trainer)

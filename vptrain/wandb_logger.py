@@ -61,6 +61,12 @@ def run_name(cfg: RunConfig) -> str:
     return ",".join(relevant) or cfg.experiment
 
 
+def run_tags(cfg: RunConfig) -> list[str]:
+    """What a W&B table filters by: the method, schedule and layout, then logger.tags."""
+    own = [f"method:{cfg.method.name}", f"schedule:{cfg.schedule.name}", f"pp:{cfg.layout.pp}", f"dp:{cfg.layout.dp}"]
+    return own + [t for t in cfg.logger.tags if t not in own]
+
+
 def run_group(cfg: RunConfig) -> str:
     """logger.group, which the CLI fills in for a multirun (experiment + sweep), else the experiment."""
     if cfg.logger.group:
@@ -114,15 +120,33 @@ class WandbLogger:
             group=run_group(cfg),
             name=run_name(cfg),
             job_type=cfg.logger.job_type,
-            tags=list(cfg.logger.tags) or None,
+            tags=run_tags(cfg),
             config=config,
             dir=cfg.run_dir,
             id=self.run_id,
             # "allow", not "must": the earlier attempt may have been offline and never synced.
             resume="allow" if resume_id else None,
             mode=self.mode,
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+            settings=wandb.Settings(
+                console="wrap" if cfg.logger.console else "off",
+                silent=True,
+                x_disable_stats=cfg.logger.system_metrics_interval_s <= 0,
+                **({"x_stats_sampling_interval": cfg.logger.system_metrics_interval_s}
+                   if cfg.logger.system_metrics_interval_s > 0 else {}),
+            ),
         )
+
+    def log_schedule(self, cfg: RunConfig, plan: ResolvedPlan) -> str:
+        """The schedule this run executes as a picture (run_dir/schedule.png, as `vptrain plan`
+        draws it), logged once at step 0, before the first step's row (W&B's media panel)."""
+        import wandb
+
+        from vptrain.schedule import render_png, simulate
+
+        path = os.path.join(cfg.run_dir, "schedule.png")
+        render_png(plan.schedule, simulate(plan.schedule, plan.costs, rules=plan.rules), path)
+        self.run.log({"plan/schedule": wandb.Image(path, caption="schedule.png: the passes each rank runs")}, step=0)
+        return path
 
     @property
     def run_dir(self) -> str:

@@ -260,7 +260,7 @@ def test_cli_train_logs_eval_loss_and_vptrain_eval_scores_its_checkpoint(group, 
     run = tmp_path / "run"
     summary = train_run(run, *overrides)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval/loss" in r] == [1, 2]  # every 2 steps, and after the last
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2, 3]  # every 2 steps, and after the last
     assert summary["eval_losses"] == [[r["step"], r["eval/loss"]] for r in rows if "eval/loss" in r]
     assert summary["losses"][:2] == res["plain_losses"], "the evals changed the training losses"
 

@@ -47,7 +47,8 @@ def test_resume_continues_the_identical_loss_trajectory_past_a_crash_during_save
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
     assert not torn.exists(), "the next save cleans up the torn one"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [(r["step"], r["loss"]) for r in rows] == list(enumerate(full["losses"])), "each step logged once"
+    logged = [(r["step"], r["train/loss"]) for r in rows]
+    assert logged == list(enumerate(full["losses"], start=1)), "each step logged once"
 
 
 def test_zero1_resume_after_losing_the_newest_checkpoint_is_bitwise_and_continues_its_wandb_run(tmp_path):
@@ -67,8 +68,8 @@ def test_zero1_resume_after_losing_the_newest_checkpoint_is_bitwise_and_continue
     resumed = json.loads((split / "summary.json").read_text())
     assert resumed["losses"] == full["losses"], "steps 3-4 after resuming must equal the uninterrupted run"
     rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3], "each step logged once"
-    assert [r["loss"] for r in rows] == full["losses"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4], "each step logged once"
+    assert [r["train/loss"] for r in rows] == full["losses"]
     # The resumed job continues the W&B run its checkpoint recorded (the copied directory holds
     # the full run's file and the resumed job's).
     ids = [read_run(f).run_id for f in find_run_files(str(split))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,23 @@ def test_wandb_offline_run_has_config_metrics_and_never_the_key(tmp_path):
     run_dir = tmp_path / "run"
     env = cli_env(WANDB_API_KEY=SECRET)
     summary = train_run(run_dir, "layout.pp=2", "train.steps=4", "logger=wandb", "logger.mode=offline",
-                        "method=baseline", "train.record_passes=true", env=env)
+                        "method=baseline", "train.record_passes=true", "logger.system_metrics_interval_s=0.2", env=env)
     files = find_run_files(str(run_dir))
     assert len(files) == 1, "one W&B run per job"
     run = read_run(files[0])
     assert run.exit_code == 0, "wandb.finish() was called"
     assert run.config["model"]["vocab_size"] == 512 and run.config["layout"]["pp"] == 2
     assert run.name == "layout.pp=2,train.steps=4,method=baseline,train.record_passes=true" and run.group == "default"
-    losses = [h["loss"] for h in run.history if "loss" in h]
-    assert losses == pytest.approx(summary["losses"])
+    assert run.tags == ["method:baseline", "schedule:1f1b", "pp:2", "dp:1"]
+    # At step 0, before the first row: the schedule the run executes, as `vptrain plan` draws it.
+    assert run.history[0]["_step"] == 0 and run.history[0]["plan/schedule/_type"] == "image-file"
+    assert (run_dir / "schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "step     4/4 | loss" in run.console, "W&B captures the console"
+    assert run.stats and "proc.memory.rssMB" in run.stats[0], "W&B samples system metrics"
+    losses = [h["train/loss"] for h in run.history if "train/loss" in h]
+    assert losses == summary["losses"]
+    steps = [h["_step"] for h in run.history if "train/loss" in h]
+    assert steps == [1, 2, 3, 4], "W&B counts steps as the console does"
     # W&B holds the resolved plan the run executed, and the trainer ran it: DeepSpeed's own 1F1B
     # engine runs the baseline, so its compute passes (F<mb>, B<mb>) are what it records.
     plan = resolve(load(str(run_dir / "config.yaml")))
@@ -40,7 +49,8 @@ def test_wandb_offline_run_has_config_metrics_and_never_the_key(tmp_path):
     for stage, row in enumerate(plan.schedule.compute_only()):
         executed = (run_dir / "passes" / f"stage{stage}_dp0.txt").read_text().splitlines()
         assert executed == [" ".join(map(str, row))] * 4
-    for key in ("tokens_per_s", "mfu", "memory/stage_0/params", "memory/stage_1/peak", "time/stage_1/busy"):
+    for key in ("throughput/tokens_per_s", "throughput/mfu", "memory/stage_0/params_bytes", "memory/stage_1/peak_bytes",
+                "time/stage_1/busy_s", "train/lr", "train/grad_norm", "time/iteration_s"):
         assert key in run.history[-1], key
     for path in run_dir.rglob("*"):
         if path.is_file():
@@ -63,8 +73,8 @@ def test_metrics_and_summary_files_and_the_plan_is_what_ran(default_job, tmp_pat
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = load(str(run_dir / "config.yaml")).train.steps
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(steps))
-    assert summary["losses"] == [r["loss"] for r in rows]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert summary["losses"] == [r["train/loss"] for r in rows]
     assert summary["median_iter_time_s"] > 0 and summary["tokens_per_s"] > 0
     assert [s["stage"] for s in summary["stages"]] == [0, 1]
     for stage in summary["stages"]:
@@ -88,3 +98,42 @@ def test_make_run_default_job(default_job):
     assert summary["final_loss"] < summary["losses"][0] - 1.0, "the default job must visibly learn"
     assert "tok/s" in proc.stdout and "Per-stage summary" in proc.stdout
     assert find_run_files(str(run_dir)), "the default job logs to W&B (offline)"
+    # The console lines go through logging: Hydra's cli.log keeps them, with a time stamp; the
+    # console shows them as printed; off a terminal there is no progress bar.
+    steps = load(str(run_dir / "config.yaml")).train.steps
+    last = f"step {steps:>5}/{steps} | loss"
+    assert f"\n{last}" in proc.stdout and "@vptrain-progress" not in proc.stdout and "\r" not in proc.stdout
+    logged = [line for line in (run_dir / "cli.log").read_text().splitlines() if last in line]
+    assert len(logged) == 1 and logged[0].startswith("[20") and "[vptrain][INFO]" in logged[0], logged
+
+
+def test_a_terminal_gets_a_progress_bar_under_the_step_lines(tmp_path):
+    """On a terminal the launcher keeps a bar at the bottom, fed by the logging rank's per-step
+    markers, which reach neither the console's lines nor the rank's log."""
+    import os
+    import pty
+
+    primary, secondary = pty.openpty()
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "vptrain.cli", "train", f"hydra.run.dir={run_dir}", "train.steps=6",
+            "train.log_every=3", "logger=none"]
+    proc = subprocess.Popen(args, cwd=REPO, env=cli_env(), stdin=subprocess.DEVNULL, stdout=secondary,
+                            stderr=secondary)
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closes when the last writer exits
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert proc.wait(timeout=300) == 0, screen.decode(errors="replace")[-3000:]
+    os.close(primary)
+    text = screen.decode(errors="replace")
+    for done in range(1, 7):
+        assert f"] {done}/6 steps" in text, f"no bar at step {done}"
+    assert "[" + "#" * 30 + "] 6/6 steps" in text and "@vptrain-progress" not in text
+    assert "step     3/6 | loss" in text and "step     6/6 | loss" in text
+    assert "@vptrain-progress" not in (run_dir / "logs" / "rank_0.log").read_text()

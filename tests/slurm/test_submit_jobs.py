@@ -39,6 +39,13 @@ def test_jobs_on_one_and_two_nodes_train_like_a_local_run(tmp_path, slurm_cluste
     assert "on n[1-2]: 2 ranks" in log_two, "the two-node job runs on both fake nodes\n" + log_two
     for run_dir in (one, two):
         assert summary(run_dir)["losses"] == pytest.approx(local_losses, rel=1e-6, abs=0), log_tail(run_dir)
+    # Each rank's own log, as with the local launcher, beside the job's labelled slurm-<id>.out.
+    for run_dir in (one, two):
+        for rank in (0, 1):
+            log = (run_dir / "logs" / f"rank_{rank}.log").read_text()
+            assert f"vptrain: rank {rank} of 2 on " in log, log[-2000:]
+        assert f"step {STEPS:>5}/{STEPS} | loss" in (run_dir / "logs" / "rank_0.log").read_text()
+    assert "#SBATCH --job-name=vptrain_" in (one / "job.sbatch").read_text()
 
     # W&B: one offline run, its id recorded in the checkpoint (a requeue continues it), the override signature as name,
     # the resolved config plus the derived layout, per-stage metrics under stable names.
@@ -55,7 +62,8 @@ def test_jobs_on_one_and_two_nodes_train_like_a_local_run(tmp_path, slurm_cluste
     assert derived["slurm_job_id"] == job_one
     assert run.config["cluster"]["name"] == "slurm-dev" and run.config["train"]["resume"] == "auto"
     last = run.history[-1]
-    for key in ("loss", "tokens_per_s", "memory/stage_0/peak", "memory/stage_1/params", "time/stage_1/busy"):
+    for key in ("train/loss", "throughput/tokens_per_s", "memory/stage_0/peak_bytes", "memory/stage_1/params_bytes",
+                "time/stage_1/busy_s"):
         assert key in last, key
     for path in one.rglob("*"):
         if path.is_file():
@@ -84,10 +92,11 @@ def test_sweep_submits_one_job_per_point_and_compare_summarises_them(tmp_path, s
 
     proc = run_cli("compare", str(sweep), timeout=120, check=True)
     table = (sweep / "comparison.md").read_text()
-    assert "| 0 | baseline | 1f1b | 2 | 1 | 256 |" in table and "| 1 | baseline | 1f1b | 2 | 1 | 1024 |" in table
+    for vocab in (256, 1024):  # each point named by what varies in the sweep, not by its directory
+        assert f"| model.vocab_size={vocab} | measured | baseline | 1f1b | 2 | 1 | {vocab} | 1 | 6/6 |" in table, table
     assert "wrote" in proc.stdout
     csv_lines = (sweep / "comparison.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and "stage_1_peak_memory_bytes" in csv_lines[0]
-    for png in ("throughput_vs_vocab.png", "peak_memory_vs_vocab.png"):
+    for png in ("throughput_vs_vocab.png", "peak_memory_vs_vocab.png", "busy_per_stage.png", "loss_vs_step.png"):
         data = (sweep / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png

@@ -25,7 +25,7 @@ def test_submitit_sweep_runs_ranks_as_slurm_tasks(tmp_path, slurm_cluster):
         assert run.config["model"]["vocab_size"] == vocab
         assert run.config["derived"]["world_size"] == 2 and run.config["derived"]["slurm_job_id"]
         assert run.group == "default-submitit-sweep"
-        losses = [h["loss"] for h in run.history if "loss" in h]
+        losses = [h["train/loss"] for h in run.history if "train/loss" in h]
         assert len(losses) == 20 and losses[-1] < losses[0]
     # Two ranks per job: rank 0 and rank 1 each logged from their own Slurm task.
     task_logs = sorted(p.name for p in sweep.glob(".submitit/*_0/*_log.out"))

@@ -206,11 +206,11 @@ def test_every_file_and_directory_is_fsynced_before_it_is_renamed(tmp_path, monk
 def test_a_resumed_run_keeps_each_step_once_in_metrics_jsonl(tmp_path):
     cfg = make_cfg(tmp_path)
     path = tmp_path / "metrics.jsonl"
-    rows = [json.dumps({"step": s, "loss": 10.0 - s}) for s in range(6)]
-    path.write_text("\n".join(rows) + '\n{"step": 6, "lo')  # a crash mid-line after step 6
+    rows = [json.dumps({"step": s, "train/loss": 11.0 - s}) for s in range(1, 7)]
+    path.write_text("\n".join(rows) + '\n{"step": 7, "tr')  # a crash mid-line in step 7
     metrics = RunMetrics(cfg, is_logger=True, world_size=1)
     metrics.restore([10.0, 9.0, 8.0])  # resumed from the checkpoint after step 3
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     RunMetrics(cfg, is_logger=False, world_size=1).restore([])  # only the logging rank writes the file
     assert len(path.read_text().splitlines()) == 3
     metrics.restore([])  # a fresh start in an old run directory

@@ -113,8 +113,8 @@ def test_eval_loss_is_logged_beside_its_step_and_kept_by_a_resumed_run(tmp_path)
     metrics.record(0, loss=5.0, lr=1e-3, grad_norm=1.0, iter_s=0.1, stages=stages)
     metrics.record(1, loss=4.0, lr=1e-3, grad_norm=1.0, iter_s=0.1, stages=stages, eval_loss=4.5)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert "eval/loss" not in rows[0] and rows[1]["eval/loss"] == 4.5 and rows[1]["loss"] == 4.0
-    assert metrics.summary()["eval_losses"] == [[1, 4.5]] and metrics.summary()["final_eval_loss"] == 4.5
+    assert "eval/loss" not in rows[0] and rows[1]["eval/loss"] == 4.5 and rows[1]["train/loss"] == 4.0
+    assert metrics.summary()["eval_losses"] == [[2, 4.5]] and metrics.summary()["final_eval_loss"] == 4.5
     resumed = RunMetrics(cfg, is_logger=True, world_size=1)
-    resumed.restore([5.0, 4.0])  # resumed after step 2: the eval of step 1 stays in the summary
-    assert resumed.summary()["eval_losses"] == [[1, 4.5]]
+    resumed.restore([5.0, 4.0])  # resumed after step 2: the eval of step 2 stays in the summary
+    assert resumed.summary()["eval_losses"] == [[2, 4.5]]

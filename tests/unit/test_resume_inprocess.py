@@ -36,32 +36,32 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_after_losing_the_newest_checkpoint(tmp_path, capsys):
+def test_resume_after_losing_the_newest_checkpoint(tmp_path, console):
     full = train(tmp_path / "full", "train.checkpoint_every=2")
     split = tmp_path / "split"
     shutil.copytree(tmp_path / "full", split)
     shutil.rmtree(split / "checkpoints" / "step_00000004")  # `latest` now names a missing directory
     step2 = split / "checkpoints" / "step_00000002"
-    capsys.readouterr()
+    console.read()
 
     stopped = train(split, "train.resume=auto", "train.stop_at_step=1")
-    out = capsys.readouterr().out
+    out = console.read()
     assert f"resuming from the newest complete checkpoint, {step2}" in out, out
     assert "train.stop_at_step=1 is already passed (resumed at step 2): stopping without training" in out, out
     assert stopped["losses"] == full["losses"][:2]
-    assert logged_steps(split) == [0, 1], "the steps after the checkpoint are dropped from metrics.jsonl"
+    assert logged_steps(split) == [1, 2], "the steps after the checkpoint are dropped from metrics.jsonl"
     assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["latest", "step_00000002"]
 
     resumed = train(split, "train.resume=auto")
     assert resumed["losses"] == full["losses"]
-    assert logged_steps(split) == [0, 1, 2, 3]
+    assert logged_steps(split) == [1, 2, 3, 4]
     assert (split / "checkpoints" / "latest").read_text() == "step_00000004"
 
 
-def test_stop_at_step_stops_once_reached(tmp_path, capsys):
+def test_stop_at_step_stops_once_reached(tmp_path, console):
     stopped = train(tmp_path, "train.stop_at_step=3")
     assert len(stopped["losses"]) == 3 and (tmp_path / "checkpoints" / "step_00000003").is_dir()
-    assert "stopping at step 3 (train.stop_at_step)" in capsys.readouterr().out
+    assert "stopping at step 3 (train.stop_at_step)" in console.read()
 
 
 def test_a_non_finite_loss_names_the_last_finite_checkpoint(tmp_path):

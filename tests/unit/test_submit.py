@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ GPU_4X8 = (
     "cluster=h100", "cluster.nodes=4", "layout.pp=8", "layout.dp=4", "model=gpt-4b", "precision=bf16",
     "cluster.partition=gpu", "cluster.account=vocab-lab", "cluster.qos=high", "cluster.time=12:00:00",
     "cluster.mem_gb=480", "cluster.cpus_per_task=12", "cluster.python=/opt/vptrain/.venv/bin/python",
-    "cluster.setup=['module load cuda/12.4','export NCCL_DEBUG=WARN']", "cluster.extra_sbatch=[--exclusive]",
+    "cluster.setup=['module load cuda/12.4']", "cluster.extra_sbatch=[--exclusive]", "method=vocab-2",
+    "cluster.network_interface=ib0", "+cluster.env.NCCL_IB_HCA=mlx5",
 )
 
 
@@ -37,10 +39,16 @@ def test_rendered_4_node_8_gpu_script_matches_the_golden_file(tmp_path):
         GOLDEN.write_text(script)
     assert GOLDEN.exists(), f"missing {GOLDEN}; run with VPTRAIN_UPDATE_GOLDEN=1"
     assert script == GOLDEN.read_text(), "the rendered script changed; review it, then VPTRAIN_UPDATE_GOLDEN=1"
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-task=1",
+                 "#SBATCH --gpu-bind=closest", "#SBATCH --cpus-per-task=12", "#SBATCH --mem=480G",
                  "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --output=<RUN_DIR>/slurm-%j.out",
-                 "#SBATCH --exclusive", "module load cuda/12.4"):
+                 "#SBATCH --exclusive", "module load cuda/12.4", "export NCCL_DEBUG=WARN",
+                 "export NCCL_SOCKET_IFNAME=ib0", "export GLOO_SOCKET_IFNAME=ib0", "export NCCL_IB_HCA=mlx5",
+                 "#SBATCH --job-name=vptrain_pp8_dp4_gpt-4b_bf16_vocab-2",
+                 "trap 'echo \"vptrain: batch shell got SIGTERM; the ranks checkpoint and stop\"' TERM",
+                 "srun --label --kill-on-bad-exit=1 --cpus-per-task=12 --cpu-bind=cores "):
         assert line in script, line
+    assert "--gpus-per-node" not in script
     assert "DS_ACCELERATOR=cpu" not in script
     # The script is valid bash, and dry runs submit nothing.
     check = subprocess.run(["bash", "-n"], input=proc.stdout, text=True, capture_output=True)
@@ -63,6 +71,28 @@ def test_gpu_presets_give_each_rank_cores_and_the_job_whole_nodes(tmp_path, pres
     assert "#SBATCH --cpus-per-task=8\n" in proc.stdout and "#SBATCH --exclusive\n" in proc.stdout
 
 
+def test_cluster_workdir_keeps_the_submitting_machines_paths_out(tmp_path):
+    """The cluster's checkout elsewhere: the job runs there, finds its worker there and takes
+    python3 from the PATH its setup leaves; only the (shared) run directory is named."""
+    proc = dry_run(tmp_path / "run", *GPU_4X8[:10], "cluster.workdir=/cluster/vptrain", "cluster.gpu_bind=null",
+                   "cluster.mem_gb=null", "cluster.mem_per_gpu_gb=60")
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    assert "cd /cluster/vptrain ||" in script and " /cluster/vptrain/launchers/srun_worker.sh \"$RUN_DIR\"" in script
+    assert "export VPTRAIN_PYTHON=python3\n" in script
+    assert str(REPO) not in script and sys.executable not in script
+    assert "#SBATCH --gpus-per-node=8\n" in script and "--gpus-per-task" not in script and "--gpu-bind" not in script
+    assert "#SBATCH --mem-per-gpu=60G\n" in script and "--mem=" not in script
+
+
+def test_job_names_say_what_the_run_is(tmp_path):
+    proc = dry_run(tmp_path / "run", "cluster=slurm-dev", "experiment=quickstart", "method=vocab-1",
+                   "model.vocab_size=4096", "cluster.time=00:30:00", "logger=none")
+    assert "#SBATCH --job-name=vptrain_quickstart_vocab-1_vocab_size4096\n" in proc.stdout, proc.stdout[:500]
+    proc = dry_run(tmp_path / "run2", "cluster=slurm-dev", "cluster.job_name=mine")
+    assert "#SBATCH --job-name=mine\n" in proc.stdout
+
+
 def test_the_api_key_never_enters_the_script(tmp_path):
     secret = "wandb-key-that-must-stay-in-the-environment"
     env = dict(os.environ, WANDB_API_KEY=secret)
@@ -83,9 +113,14 @@ def test_the_api_key_never_enters_the_script(tmp_path):
         (("cluster=slurm-dev", "cluster.time=10", "cluster.signal_delay_s=900"), "cluster.signal_delay_s: 900 s"),
         (("cluster=slurm-dev", "cluster.signal=KILL"), "cluster.signal: 'KILL'"),
         (("cluster=slurm-dev", "cluster.extra_sbatch=[exclusive]"), "cluster.extra_sbatch: 'exclusive'"),
+        (("cluster=h100", "cluster.mem_gb=400", "cluster.mem_per_gpu_gb=50"), "cluster.mem_per_gpu_gb: set"),
+        (("cluster=slurm-dev", "cluster.mem_per_gpu_gb=50"), "cluster.mem_per_gpu_gb: must be >= 1 GB, on a GPU"),
+        (("cluster=slurm-dev", "+cluster.env.bad-name=x"), "cluster.env: 'bad-name'"),
+        (("cluster=h100", "cluster.network_interface='ib0;reboot'"), "cluster.network_interface: 'ib0;reboot'"),
     ],
     ids=["0-nodes", "tasks-over-gpus", "uneven-nodes", "no-partition", "cuda-without-gpus", "bad-time",
-         "signal-after-end", "bad-signal", "bad-extra"],
+         "signal-after-end", "bad-signal", "bad-extra", "two-mems", "mem-per-gpu-on-cpu", "bad-env-name",
+         "bad-interface"],
 )
 def test_bad_cluster_configs_fail_before_submitting(tmp_path, overrides, message):
     proc = dry_run(tmp_path / "run", *overrides)

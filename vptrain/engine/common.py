@@ -71,6 +71,15 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def gradient_bytes(params) -> int:
+    """The gradients' bytes when they are all allocated: every trainable parameter holds one of its
+    own size from its backward to the optimizer step. Read after a step, the engines have already
+    released them (DeepSpeed sets them to None), which would report 0."""
+    params = list(params)
+    live = tensor_bytes(p.grad for p in params)
+    return max(live, tensor_bytes(p for p in params if p.requires_grad))
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     total = 0
     for state in optimizer.state.values():

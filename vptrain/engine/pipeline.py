@@ -21,6 +21,7 @@ from vptrain.engine.common import (
     Microbatch,
     StepResult,
     gpt_shape,
+    gradient_bytes,
     optimizer_state_bytes,
     tensor_bytes,
 )
@@ -250,7 +251,7 @@ class PipelineTrainer:
         inner = getattr(opt, "optimizer", opt)
         out = {
             "params": tensor_bytes(params),
-            "grads": tensor_bytes(p.grad for p in params),
+            "grads": gradient_bytes(params),
             "optimizer": optimizer_state_bytes(inner),
         }
         if self.cfg.precision == "bf16":

@@ -19,6 +19,7 @@ from vptrain.engine.common import (
     StepResult,
     batch_to_device,
     gpt_shape,
+    gradient_bytes,
     optimizer_state_bytes,
     tensor_bytes,
 )
@@ -109,7 +110,7 @@ class SingleProcessTrainer:
         params = list(self.model.parameters())
         return {
             "params": tensor_bytes(params),
-            "grads": tensor_bytes(p.grad for p in params),
+            "grads": gradient_bytes(params),
             "optimizer": optimizer_state_bytes(self.optimizer),
         }
 

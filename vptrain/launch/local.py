@@ -22,6 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from vptrain.console import PROGRESS_ENV, ProgressBar, console_line, parse_marker
 from vptrain.launch.liveness import LAUNCHER_FD_ENV, LAUNCHER_PID_ENV, unresponsive
 
 GRACE_S = 5.0
@@ -86,14 +87,21 @@ def stopped_on_request(code: int) -> bool:
     return code in {128 + int(s) for s in STOP_SIGNALS}
 
 
-def _pump(stream, log_path: str, echo: bool) -> None:
+def _pump(stream, log_path: str, echo: bool, bar: ProgressBar | None) -> None:
+    """A rank's output into its log; the logging rank's also to the console (vptrain/console.py),
+    its progress markers into the bar."""
     with open(log_path, "ab") as log:
         for line in iter(stream.readline, b""):
+            text = line.decode(errors="replace").rstrip("\r\n")
+            progress = parse_marker(text) if echo else None
+            if progress is not None:
+                if bar is not None:
+                    bar.update(*progress)
+                continue
             log.write(line)
             log.flush()
             if echo:
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
+                bar.line(text) if bar is not None else console_line(text)
 
 
 def _tail(path: str, lines: int = 25) -> str:
@@ -114,6 +122,7 @@ def run_local(run_dir: str, *, world_size: int, pp: int, master_addr: str = "127
     logs = os.path.join(run_dir, "logs")
     os.makedirs(logs, exist_ok=True)
     workers: list[Worker] = []
+    bar = ProgressBar() if sys.stdout.isatty() else None  # a log file or a pipe gets the lines only
     stop = StopOnSignal(workers)
     stop.install()
     # Only this process holds the write end (os.pipe is close-on-exec; the workers get the read end).
@@ -127,6 +136,8 @@ def run_local(run_dir: str, *, world_size: int, pp: int, master_addr: str = "127
                 "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": master_addr, "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", LAUNCHER_FD_ENV: str(lifeline_r),
             })
+            if bar is not None and rank == log_rank:
+                env[PROGRESS_ENV] = "1"
             if threading.current_thread() is threading.main_thread():
                 env[LAUNCHER_PID_ENV] = str(os.getpid())  # the parent-death signal follows the forking thread
             log_path = os.path.join(logs, f"rank_{rank}.log")
@@ -136,14 +147,14 @@ def run_local(run_dir: str, *, world_size: int, pp: int, master_addr: str = "127
                 pass_fds=(lifeline_r, *inherit_fds),
             )
             w = Worker(rank, proc, log_path)
-            w.pump = threading.Thread(target=_pump, args=(proc.stdout, log_path, rank == log_rank), daemon=True)
+            w.pump = threading.Thread(target=_pump, args=(proc.stdout, log_path, rank == log_rank, bar), daemon=True)
             w.pump.start()
             workers.append(w)
             if stop.received is not None:  # asked to stop while starting: ask this one too
                 _signal_rank(w, ASK_RANKS_TO_STOP)
         os.close(lifeline_r)
         lifeline_r = -1
-        return _watch(workers, pp, run_dir, collective_timeout_s, stop)
+        return _watch(workers, pp, run_dir, collective_timeout_s, stop, bar)
     except _StopNow:
         print(f"vptrain: got {stop.received.name} again; stopping all ranks now", file=sys.stderr, flush=True)
         _stop_all(workers)
@@ -151,6 +162,8 @@ def run_local(run_dir: str, *, world_size: int, pp: int, master_addr: str = "127
     finally:
         stop.uninstall()
         _stop_all(workers)  # nothing is left running, whatever happened above
+        if bar is not None:
+            bar.close()
         for fd in (lifeline_r, lifeline_w):
             if fd >= 0:
                 os.close(fd)
@@ -160,7 +173,8 @@ def describe_rank(rank: int, pp: int) -> str:
     return f"rank {rank} (stage {rank % pp}, dp {rank // pp})"
 
 
-def _watch(workers: list[Worker], pp: int, run_dir: str, collective_timeout_s: float, stop: StopOnSignal) -> int:
+def _watch(workers: list[Worker], pp: int, run_dir: str, collective_timeout_s: float, stop: StopOnSignal,
+           bar: ProgressBar | None = None) -> int:
     while True:
         codes = [(w, w.proc.poll()) for w in workers]
         failed = [(w, c) for w, c in codes if c not in (None, 0)]
@@ -175,6 +189,8 @@ def _watch(workers: list[Worker], pp: int, run_dir: str, collective_timeout_s: f
             if w.pump:
                 w.pump.join(timeout=2)
             _stop_all(workers)
+            if bar is not None:  # the message starts on a line of its own
+                bar.close()
             print(_failure_message(w, code, pp, suspects, stop), file=sys.stderr, flush=True)
             if stop.received is not None:
                 return stop.exit_code
@@ -183,6 +199,8 @@ def _watch(workers: list[Worker], pp: int, run_dir: str, collective_timeout_s: f
             for w in workers:
                 if w.pump:
                     w.pump.join(timeout=5)
+            if bar is not None:
+                bar.close()
             if stop.received is not None:
                 print(f"vptrain: stopped on {stop.received.name}: every rank finished its step and exited; "
                       "continue with train.resume=auto", file=sys.stderr, flush=True)

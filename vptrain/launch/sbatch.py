@@ -94,8 +94,20 @@ def job_shape(cfg: RunConfig) -> JobShape:
         _fail("cluster.signal_delay_s", f"{c.signal_delay_s} s must be >= 0 and below cluster.time ({limit} s)")
     if c.max_restarts < 0:
         _fail("cluster.max_restarts", f"must be >= 0, got {c.max_restarts}")
-    if not re.fullmatch(r"[\w.+-]+", c.job_name):
-        _fail("cluster.job_name", f"'{c.job_name}': use letters, digits and . _ + - only")
+    if c.job_name is not None and not re.fullmatch(r"[\w.+-]+", c.job_name):
+        _fail("cluster.job_name", f"'{c.job_name}': use letters, digits and . _ + - only, or null for a name "
+                                  f"from the overrides")
+    if c.mem_gb is not None and c.mem_per_gpu_gb is not None:
+        _fail("cluster.mem_per_gpu_gb", "set cluster.mem_gb (per node) or cluster.mem_per_gpu_gb, not both")
+    if c.mem_per_gpu_gb is not None and (c.mem_per_gpu_gb < 1 or not uses_gpus(cfg)):
+        _fail("cluster.mem_per_gpu_gb", "must be >= 1 GB, on a GPU cluster (else use cluster.mem_gb)")
+    for key, value in {"cluster.gpu_bind": c.gpu_bind, "cluster.cpu_bind": c.cpu_bind,
+                       "cluster.nccl_debug": c.nccl_debug, "cluster.network_interface": c.network_interface}.items():
+        if value is not None and not re.fullmatch(r"[\w.,:^+-]+", value):
+            _fail(key, f"'{value}' is not a Slurm/NCCL value (letters, digits and . , : ^ + - only), or null")
+    for name in c.env:
+        if not re.fullmatch(r"[A-Za-z_]\w*", name):
+            _fail("cluster.env", f"'{name}' is not an environment variable name")
     for line in c.extra_sbatch:
         if not line.strip().startswith(("-", "#SBATCH")):
             _fail("cluster.extra_sbatch", f"'{line}' is not an sbatch option (e.g. --exclusive)")
@@ -105,18 +117,43 @@ def job_shape(cfg: RunConfig) -> JobShape:
     return JobShape(nodes=c.nodes, tasks_per_node=per_node, gpus_per_node=gpus)
 
 
+# Overrides that say where or how a job runs, not what it trains: left out of its name.
+_NOT_IN_NAME = ("hydra.", "cluster", "logger", "launcher", "train.resume", "train.record_passes")
+_BARE_VALUE = ("method", "model", "schedule", "data", "optim", "precision")
+
+
+def job_name(cfg: RunConfig) -> str:
+    """cluster.job_name, else what `squeue` should show: vptrain, the experiment and the overrides
+    that made the run (`vptrain_gpt-4b_pp8_dp4_vocab-2`), in Slurm's safe characters."""
+    if cfg.cluster.job_name:
+        return cfg.cluster.job_name
+    parts = ["vptrain"] + ([cfg.experiment] if cfg.experiment != "default" else [])
+    for item in cfg.overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key.startswith(_NOT_IN_NAME) or key == "experiment":
+            continue
+        tail = key.rsplit(".", 1)[-1]
+        parts.append(value if tail in _BARE_VALUE else f"{tail}{value}")
+    return re.sub(r"[^\w.+-]+", "-", "_".join(parts))[:96]
+
+
 def sbatch_options(cfg: RunConfig, shape: JobShape) -> list[str]:
     c = cfg.cluster
     opts = [
-        f"--job-name={c.job_name}",
+        f"--job-name={job_name(cfg)}",
         f"--nodes={shape.nodes}",
         f"--ntasks-per-node={shape.tasks_per_node}",
         f"--cpus-per-task={c.cpus_per_task}",
     ]
-    if shape.gpus_per_node:
+    if shape.gpus_per_node and c.gpu_bind:
+        # One GPU per task, the one nearest its cores; the task sees it as device 0 (train.resolve_device).
+        opts += ["--gpus-per-task=1", f"--gpu-bind={c.gpu_bind}"]
+    elif shape.gpus_per_node:
         opts.append(f"--gpus-per-node={shape.gpus_per_node}")
     if c.mem_gb is not None:
         opts.append(f"--mem={c.mem_gb}G")
+    if c.mem_per_gpu_gb is not None:
+        opts.append(f"--mem-per-gpu={c.mem_per_gpu_gb}G")
     opts.append(f"--time={c.time}")
     for key in ("partition", "account", "qos"):
         if getattr(c, key):
@@ -142,18 +179,39 @@ def fill(template: str, values: dict[str, str], *, name: str = "template") -> st
     return _PLACEHOLDER.sub(value, template)
 
 
+def environment(cfg: RunConfig) -> str:
+    """The cluster.* settings the job exports, one line each (NCCL's and gloo's network choice)."""
+    c = cfg.cluster
+    env = {}
+    if c.nccl_debug:
+        env["NCCL_DEBUG"] = c.nccl_debug
+    if c.network_interface:
+        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = c.network_interface
+    env.update(c.env)
+    lines = [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
+    return "\n".join(lines) if lines else "# (none: cluster.nccl_debug, cluster.network_interface, cluster.env)"
+
+
 def render(cfg: RunConfig, *, workdir: str, python: str | None = None) -> str:
-    """The batch script for this run (validates the cluster section first)."""
+    """The batch script for this run (validates the cluster section first). cluster.workdir names
+    the cluster's checkout: the job runs there and finds its worker there, with python3 from the
+    PATH the site setup leaves unless cluster.python says otherwise."""
     shape = job_shape(cfg)
     c = cfg.cluster
     device_env = "export DS_ACCELERATOR=cpu" if c.device == "cpu" else "# GPUs: DeepSpeed picks the CUDA accelerator"
+    if c.workdir:
+        workdir, worker, default_python = c.workdir, f"{c.workdir.rstrip('/')}/launchers/srun_worker.sh", "python3"
+    else:
+        worker, default_python = str(WORKER), sys.executable
     values = {
         "sbatch_options": "\n".join(sbatch_options(cfg, shape)),
         "run_dir": cfg.run_dir,
         "run_dir_q": shlex.quote(cfg.run_dir),
         "workdir_q": shlex.quote(workdir),
-        "python_q": shlex.quote(python or c.python or sys.executable),
-        "worker_q": shlex.quote(str(WORKER)),
+        "python_q": shlex.quote(python or c.python or default_python),
+        "worker_q": shlex.quote(worker),
+        "env_exports": environment(cfg),
+        "cpu_bind": f" --cpu-bind={c.cpu_bind}" if c.cpu_bind else "",
         "max_restarts": str(c.max_restarts),
         "marker": MARKER,
         "setup": "\n".join(c.setup) if c.setup else "# (none)",
@@ -172,6 +230,8 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver(
         "vptrain.tasks_per_node", lambda pp, dp, nodes: max(1, int(pp) * int(dp) // max(1, int(nodes))), replace=True
     )
+    OmegaConf.register_new_resolver("vptrain.job_name", lambda name, experiment: name or f"vptrain_{experiment}",
+                                    replace=True)
     OmegaConf.register_new_resolver("vptrain.minutes", lambda t: max(1, time_limit_s(t) // 60), replace=True)
     OmegaConf.register_new_resolver("vptrain.gpus", lambda device, gpus: int(gpus) if device != "cpu" and int(gpus)
                                     else None, replace=True)
