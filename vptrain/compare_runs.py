@@ -86,7 +86,7 @@ def _load_config(path: Path):
         return None
 
 
-def _measured(run_dir: Path, root: Path) -> Run:
+def _measured(run_dir: Path, root: Path, memo) -> Run:
     s = json.loads((run_dir / "summary.json").read_text())
     cfg = _load_config(run_dir / "config.yaml")
     stages = s.get("stages", [])
@@ -105,7 +105,7 @@ def _measured(run_dir: Path, root: Path) -> Run:
     if cfg is not None:
         from vptrain.plan import make_plan
 
-        plan = make_plan(cfg)
+        plan = make_plan(cfg, memo=memo)  # repeats and sweeps share schedules: built once
         run.plan_iter_s, run.plan_busy = plan.sim.makespan, [float(b) for b in plan.sim.busy]
     return run
 
@@ -127,11 +127,13 @@ def _planned(run_dir: Path, root: Path) -> Run:
 
 def find_runs(root: Path) -> list[Run]:
     """Every run directory under root: summary.json (a training run) or plan.json (a plan)."""
-    runs = []
+    from vptrain.schedule.memo import ScheduleMemo
+
+    runs, memo = [], ScheduleMemo()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         if "summary.json" in filenames:
-            runs.append(_measured(Path(dirpath), root))
+            runs.append(_measured(Path(dirpath), root, memo))
         elif "plan.json" in filenames:
             runs.append(_planned(Path(dirpath), root))
     order = {m: i for i, m in enumerate(METHODS)}

@@ -241,7 +241,8 @@ class ClusterConfig:
     job_name: str | None = None
     """null: vptrain, the experiment and the overrides that made the run (vptrain_gpt-4b_pp8_vocab-2)"""
     python: str | None = None
-    """Interpreter on the compute nodes (default: the one running `vptrain submit`)."""
+    """Interpreter on the compute nodes (default: the one running `vptrain submit`; python3 from the
+    job's PATH when cluster.workdir is set)."""
     signal: str = "USR2"
     """Sent to every rank signal_delay_s before the time limit: all ranks checkpoint, the job requeues.
     USR1 is best avoided (NCCL may use it)."""

@@ -58,7 +58,10 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_same_losses(tmp_path, sl
     first, second = (read_run(f) for f in files)
     assert first.run_id == second.run_id
     assert second.config["derived"]["slurm_restart_count"] == 1
-    assert [h["_step"] for h in second.history if "loss" in h][0] == stopped_at
+    # Steps count optimizer steps done: the first attempt's last row is the checkpoint's step, the
+    # requeued attempt continues with the next one.
+    assert [h["_step"] for h in first.history if "train/loss" in h][-1] == stopped_at
+    assert [h["_step"] for h in second.history if "train/loss" in h][0] == stopped_at + 1
 
 
 def test_submitit_launcher_checkpoints_then_requeues(tmp_path, slurm_cluster, uninterrupted):
