@@ -23,14 +23,12 @@ import csv
 import sys
 from pathlib import Path
 
-from vptrain.compare_plots import plot
+from vptrain.compare_plots import MIB, plot
 from vptrain.compare_runs import Point, Run, Spread, balance, find_runs, points, run_name, varying_overrides
 
-MIB = 2**20
 
-
-def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value * scale, spec)
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _spread(s: Spread | None, spec: str, scale: float = 1.0) -> str:

@@ -167,11 +167,6 @@ class Spread:
         xs = [v for v in values if v is not None]
         return Spread(statistics.median(xs), min(xs), max(xs), len(xs)) if xs else None
 
-    @property
-    def relative(self) -> float:
-        """(high - low) / median: how far apart the repeats are."""
-        return (self.high - self.low) / self.median if self.median else 0.0
-
 
 def _stage_medians(lists: list[list[float]]) -> list[float]:
     lists = [x for x in lists if x]
