@@ -44,9 +44,13 @@ def test_interlaced_peak_is_two_p_minus_one() -> None:
 
 
 def test_vhalf_balances_memory_across_ranks() -> None:
+    """Every rank within two chunks of the fullest (the vocabulary chain's waits fall on some
+    ranks only: (6, 8, 8, 6, ...) at p=8), none above p chunks of half a stage, half of what
+    1F1B + vocab-2 keeps on its first stage (p + 1 whole stages)."""
     p = 8
     sim = simulate(build_schedule("vocab-2", "vhalf", p, 32), PassCosts.uniform(p, 2, f=1, b=2, s=0.2, t=0.2))
-    assert max(sim.peak_in_flight) - min(sim.peak_in_flight) <= 1
+    assert max(sim.peak_in_flight) - min(sim.peak_in_flight) <= 2
+    assert max(sim.peak_in_flight) <= p
     assert max(sim.busy) == pytest.approx(min(sim.busy))
 
 

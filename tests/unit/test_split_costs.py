@@ -104,19 +104,25 @@ def test_zb_h1_cuts_the_bubble_at_the_goal_config() -> None:
     assert _goal("zb-h1").sim.bubble_rate <= 0.8 * _goal("1f1b").sim.bubble_rate
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 goal not met yet: 0.76x in bytes (6 chunks alive of 1F1B's "
-                   "5 microbatches is 0.6x in count; W's kept output gradients add 11h per layer-token)")
 def test_goal_vhalf_peak_activations_at_most_0_6_of_1f1b() -> None:
+    """Measured 0.559x: the builder plans V-Half with and without a delay for the vocabulary chain
+    and keeps the shorter (builders.vhalf_delays); here no delay wins on time and memory alike."""
     vhalf, base = _goal("vhalf"), _goal("1f1b")
     assert max(s.memory["activations"] for s in vhalf.stages) <= 0.6 * max(s.memory["activations"] for s in base.stages)
 
 
-def test_vhalf_peak_activations_below_1f1b_at_the_goal_config() -> None:
-    """What V-Half does reach: measured 0.76x of 1F1B's fullest stage, balanced within 10%."""
-    vhalf, base = _goal("vhalf"), _goal("1f1b")
-    peaks = [s.memory["activations"] for s in vhalf.stages]
-    assert max(peaks) <= 0.8 * max(s.memory["activations"] for s in base.stages)
-    assert min(peaks) >= 0.9 * max(peaks)
+def test_vhalf_at_the_goal_config_beats_its_delayed_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delay choice is by nominal makespan; at the goal config the undelayed block is also the
+    smaller bubble in the simulation (0.114 against 0.133) and every rank within 15% of the fullest."""
+    from vptrain.schedule import builders
+
+    chosen = _goal("vhalf")
+    peaks = [s.memory["activations"] for s in chosen.stages]
+    assert min(peaks) >= 0.85 * max(peaks)
+    monkeypatch.setattr(builders, "vhalf_delays", lambda method: (3,))
+    late = _goal("vhalf")
+    assert chosen.sim.bubble_rate < late.sim.bubble_rate
+    assert max(peaks) < max(s.memory["activations"] for s in late.stages)
 
 
 def test_search_covers_every_schedule_by_default() -> None:

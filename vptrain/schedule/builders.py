@@ -11,9 +11,10 @@ Activation memory (microbatch-chunks whose F ran and whose B has not, peak on th
 
     1f1b  baseline/redis  p        vocab-2  p+1      vocab-1  p+2
           vocab-naive     p+2      interlaced  2p-1
-    vhalf two chunks of half a stage per rank, balanced across ranks: about 1.4p chunks, i.e. about
-          0.7x of 1F1B's first stage (the paper's half needs a B/W split; W is reserved); the
-          vocabulary methods add 0 to 2 chunks per rank.
+    vhalf two chunks of half a stage per rank, balanced within 2 chunks: p chunks or fewer at
+          p = 8..16, about half of 1F1B's first stage (plus, in bytes, the output gradients B
+          keeps for W); a vocabulary method's delay for its chain (vhalf_delays) adds 0 to 2
+          chunks per rank, where it shortens the plan.
 
 Every builder accepts any m >= 1 (a short pipeline simply never reaches its steady state).
 """
@@ -27,7 +28,7 @@ from vptrain.schedule.ir import SCHEDULE_NAMES, Action, PassKind, Schedule
 from vptrain.schedule.kinds import schedule_kind
 from vptrain.schedule.lower import lower
 from vptrain.schedule.planner import NominalCosts, NominalPlan, plan_nominal
-from vptrain.schedule.rules import METHOD_NAMES, ScheduleRules, StageMap
+from vptrain.schedule.rules import METHOD_NAMES, ScheduleRules, StageMap, method_rules
 from vptrain.schedule.vhalf_block import vhalf_block
 
 K = PassKind
@@ -96,15 +97,19 @@ def vhalf_order(p: int, m: int, rank: int, delay: int, vocab: int = 0) -> list[A
     return [a for _, a in sorted(timed, key=lambda x: x[0])]
 
 
-def vhalf_delay(method: str, p: int) -> int:
-    """How long the loss stage's B waits for the vocabulary chain in the V-Half block, in chunk
-    forward units (the paper stretches the V-Half pattern the same way, vp_algorithms §4.4).
-    Scanned over p = 2..16 with the nominal costs: 3 keeps the baseline's bubble for vocab-1 and
-    vocab-2, the naive method's extra barrier needs 4; more only adds activation memory."""
-    rules = ScheduleRules.of(method=method, name="vhalf", p=p).method
+def vhalf_delays(method: str) -> tuple[int, ...]:
+    """How long the loss stage's B may wait for the vocabulary chain in the V-Half block, in chunk
+    forward units (the paper stretches the V-Half pattern the same way, vp_algorithms §4.4); the
+    builder plans each and keeps the shortest nominal makespan (`_makespan`). With the default
+    nominal costs (S and T a quarter of a forward) a scan over p = 2..16 found 3 best for vocab-1
+    and vocab-2 and 4 for the naive method's extra barrier; where S and T are several chunk
+    forwards long (the issue-13 goal config: S = 4.6 chunk forwards) no delay is best for vocab-2:
+    its chain then hides behind the long S of the other ranks, and every unit of delay adds a
+    chunk of activations on the ranks that wait."""
+    rules = method_rules(method)
     if not rules.vocab:
-        return 0
-    return 4 if method == "vocab-naive" else 3
+        return (0,)
+    return (0, 4) if method == "vocab-naive" else (0, 3)
 
 
 def build_schedule(method: str, schedule: str, p: int, m: int, *, nominal: NominalCosts | None = None,
@@ -130,12 +135,13 @@ def build_schedule(method: str, schedule: str, p: int, m: int, *, nominal: Nomin
     rules = ScheduleRules.of(method=method, name=schedule, p=p, chunks=chunks)
     if rules.stages.placement == "loop" and m % p:
         raise ValueError(f"m={m}: schedule={schedule} runs rounds of p={p} microbatches; use a multiple of p")
+    nominal = nominal or NominalCosts()
     w_caps = None
     if method == "interlaced":  # F/B with the synchronous steps' markers (interlaced.py)
-        orders = add_input_steps([interlaced_order(p, m, r) for r in range(p)])
+        candidates = [add_input_steps([interlaced_order(p, m, r) for r in range(p)])]
     elif schedule in ("1f1b", "zb-h1"):
         in_flight = [one_f_one_b_in_flight(method, p, r) for r in range(p)]
-        orders = [one_f_one_b_order(m, n) for n in in_flight]
+        candidates = [[one_f_one_b_order(m, n) for n in in_flight]]
         if schedule == "zb-h1":  # W passes fill the bubbles, never holding more than 1F1B does
             w_caps = [max(in_flight)] * p
     elif schedule == "interleaved":
@@ -143,12 +149,10 @@ def build_schedule(method: str, schedule: str, p: int, m: int, *, nominal: Nomin
         # extra microbatch of 1F1B's rule. At the issue-13 goal size (p=4, m=16, v=2) that beats v
         # per microbatch (vocab-2 bubble 0.69x of 1F1B's against 0.73x, vocab-1 0.73x against 0.83x).
         extra = rules.method.extra_in_flight
-        orders = [interleaved_order(p, m, rules.stages.chunks, r, extra) for r in range(p)]
+        candidates = [[interleaved_order(p, m, rules.stages.chunks, r, extra) for r in range(p)]]
     else:
-        nominal = nominal or NominalCosts()
         vocab = vhalf_vocab_units(rules, nominal)
-        orders = [vhalf_order(p, m, r, vhalf_delay(method, p), vocab) for r in range(p)]
-    nominal = nominal or NominalCosts()
+        candidates = [[vhalf_order(p, m, r, delay, vocab) for r in range(p)] for delay in vhalf_delays(method)]
     if rules.split_backward and nominal.w <= 0:  # B's share of a whole backward: the input gradient
         nominal = dataclasses.replace(nominal, b=nominal.b / 2, w=nominal.b / 2)
     if not rules.method.vocab or rules.method.blocking:
@@ -157,7 +161,8 @@ def build_schedule(method: str, schedule: str, p: int, m: int, *, nominal: Nomin
     if method == "interlaced":
         # The first step runs the input layers of the whole warm-up at once.
         nominal = dataclasses.replace(nominal, sync_first_inputs=min(interlaced_warmup(p, 0), m) + 1)
-    return lower(_best_plan(rules, m, orders, nominal, w_caps), rules, m=m, method=method)
+    plans = [_best_plan(rules, m, orders, nominal, w_caps) for orders in candidates]
+    return lower(min(plans, key=_makespan), rules, m=m, method=method)
 
 
 HOLD_CHOICES = (1.0, 0.0, 2.0)
@@ -185,4 +190,9 @@ def _best_plan(rules: ScheduleRules, m: int, orders: list[list[Action]], nominal
     reserves = W_RESERVE_CHOICES if w_caps is not None else (None,)
     plans = [plan_nominal(rules, m, orders, dataclasses.replace(nominal, hold_window=nominal.hold_window * k),
                           w_caps, reserve) for k in holds for reserve in reserves]
-    return min(plans, key=lambda plan: max(row[-1][2] for row in plan.computes if row))
+    return min(plans, key=_makespan)
+
+
+def _makespan(plan: NominalPlan) -> float:
+    """The nominal plan's length; `min` keeps the first of equal ones (the candidates' order)."""
+    return max(row[-1][2] for row in plan.computes if row)
