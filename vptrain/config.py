@@ -85,6 +85,11 @@ class ScheduleConfig:
     """One of kinds.SCHEDULE_NAMES: 1f1b | zb-h1 | vhalf | interleaved (vptrain/schedule/kinds.py)."""
     virtual_stages: int = 2
     """interleaved only: model chunks per rank (rank r holds stages r, r+p, ..., r+(v-1)p)."""
+    w_reserve: str = "auto"
+    """zb-h1 only (the other schedules ignore it): how many W passes each rank keeps queued through
+    idle moments for the cool-down. auto: the shortest plan of every choice below; by-rank: r on
+    rank r (the shortest cool-down, the most bytes on the later ranks); 0, 1, 2, 3: that many on
+    every rank (fewer bytes). schedule/builders.py W_RESERVE_CHOICES."""
 
 
 @dataclass

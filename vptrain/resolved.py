@@ -222,7 +222,7 @@ def layout_pass_costs(cfg: RunConfig, layout: ResolvedLayout) -> PassCosts:
 def costed_schedule(cfg: RunConfig, costs: PassCosts) -> Schedule:
     """The schedule of `cfg` built with the relative pass costs of `costs` (costs.nominal_costs)."""
     return build_schedule(cfg.method.name, cfg.schedule.name, cfg.layout.pp, microbatches(cfg),
-                          nominal=nominal_costs(costs), chunks=virtual_chunks(cfg))
+                          nominal=nominal_costs(costs), chunks=virtual_chunks(cfg), w_reserve=cfg.schedule.w_reserve)
 
 
 def virtual_chunks(cfg: RunConfig) -> int:
@@ -240,7 +240,7 @@ def resolve(cfg: RunConfig, *, check_deadlock: bool = True, memo: ScheduleMemo |
     if memo is not None:
         schedule, rules = memo.validated(cfg.method.name, cfg.schedule.name, cfg.layout.pp, microbatches(cfg),
                                          nominal_costs(costs), check_deadlock=check_deadlock,
-                                         chunks=virtual_chunks(cfg))
+                                         chunks=virtual_chunks(cfg), w_reserve=cfg.schedule.w_reserve)
         return ResolvedPlan(cfg=cfg, layout=layout, costs=costs, schedule=schedule, rules=rules)
     schedule = costed_schedule(cfg, costs)
     rules = ScheduleRules.of(method=schedule.method, name=schedule.name, p=schedule.p, chunks=schedule.chunks)

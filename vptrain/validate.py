@@ -10,6 +10,7 @@ import glob
 import os
 
 from vptrain.config import ACTIVATION_CHECKPOINTING, ARCHS, METHODS, PRECISIONS, SCHEDULES, VOCAB_METHODS, RunConfig
+from vptrain.schedule.builders import reserve_choices
 from vptrain.schedule.costs import device_profile
 from vptrain.schedule.kinds import SCHEDULE_KINDS, schedule_kind
 from vptrain.validate_ranges import check_ranges
@@ -38,6 +39,7 @@ def validate(cfg: RunConfig, *, world_size: int | None = None) -> None:
             f"method={cfg.method.name} does not run on schedule={cfg.schedule.name}; "
             f"with {kind.name} use one of {', '.join(kind.methods)}",
         )
+    reserve_choices(cfg.schedule.w_reserve)  # raises naming schedule.w_reserve
     if kind.split_backward and m.activation_checkpointing != "none":
         _fail(
             "model.activation_checkpointing",

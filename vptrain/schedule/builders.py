@@ -113,12 +113,13 @@ def vhalf_delays(method: str) -> tuple[int, ...]:
 
 
 def build_schedule(method: str, schedule: str, p: int, m: int, *, nominal: NominalCosts | None = None,
-                   chunks: int = 0) -> Schedule:
+                   chunks: int = 0, w_reserve: str = "auto") -> Schedule:
     """The schedule of `method` on `schedule` for p pipeline ranks and m microbatches.
 
     method: baseline | redis | interlaced | vocab-naive | vocab-1 | vocab-2
     schedule: 1f1b | zb-h1 | vhalf | interleaved (kinds.SCHEDULE_KINDS says which methods each runs)
     `chunks`: model chunks per rank, for interleaved (0: its default, 2).
+    `w_reserve`: zb-h1's W reserve for the cool-down (W_RESERVE_SETTINGS; auto: the shortest plan).
     `nominal` only changes where vocabulary passes and transfers are placed; the engine and
     `vptrain plan` both use the default so they run and report the same schedule.
     """
@@ -161,7 +162,7 @@ def build_schedule(method: str, schedule: str, p: int, m: int, *, nominal: Nomin
     if method == "interlaced":
         # The first step runs the input layers of the whole warm-up at once.
         nominal = dataclasses.replace(nominal, sync_first_inputs=min(interlaced_warmup(p, 0), m) + 1)
-    plans = [_best_plan(rules, m, orders, nominal, w_caps) for orders in candidates]
+    plans = [_best_plan(rules, m, orders, nominal, w_caps, w_reserve) for orders in candidates]
     return lower(min(plans, key=_makespan), rules, m=m, method=method)
 
 
@@ -175,19 +176,45 @@ pick the same plan. (Also choosing between planning with and without the communi
 a simulation on the nominal costs, cost twice the time and moved no figure by more than 0.15 point.)"""
 
 
-W_RESERVE_CHOICES = (None, 1, 2, 3)
-"""ZB-H1's W fillers (planner.Planner) are planned keeping no W, or 1, 2 or 3 W, in reserve through
-idle moments for the cool-down; the shortest nominal makespan wins, as with HOLD_CHOICES. At the
-issue-13 goal config (p=4, m=16, vocab-2) no reserve gives 0.83x of 1F1B's bubble, a reserve of 2
-0.74x; without vocabulary passes no reserve is usually best."""
+W_RESERVE_CHOICES: tuple[int | str | None, ...] = (None, 1, 2, 3, "by-rank")
+"""ZB-H1's W fillers (planner.Planner) are planned keeping no W, or 1, 2 or 3 W on every rank, or r W
+on rank r ("by-rank"), in reserve through idle moments for the cool-down; the shortest nominal
+makespan wins, as with HOLD_CHOICES. By rank fits the cool-down's shape: the last microbatch's B
+walks from rank p-1 down to rank 0, so rank r runs out of B's about r B's before rank 0 does and
+needs about r W's to stay busy to the end (never more alive than the cap). At the issue-13 goal
+config (p=4, m=16, vocab-2) no reserve gives 0.83x of 1F1B's bubble, a reserve of 2 0.74x, by rank
+0.47x; it shortens the baseline's plans too (p = 3..8). The later ranks then hold more bytes (more
+of their chunks wait for W with B's kept gradients): `schedule.w_reserve` pins one choice."""
+
+
+W_RESERVE_SETTINGS = ("auto", "by-rank", "0", "1", "2", "3")
+"""The values of `schedule.w_reserve`: auto plans every W_RESERVE_CHOICES entry, the others one."""
+
+
+def w_reserves(choice: int | str | None, p: int) -> tuple[int | None, ...]:
+    """Per-rank W reserve of a W_RESERVE_CHOICES entry."""
+    if choice == "by-rank":
+        return tuple(range(p))
+    assert choice is None or isinstance(choice, int)
+    return (choice,) * p
+
+
+def reserve_choices(setting: str) -> tuple[int | str | None, ...]:
+    """The W_RESERVE_CHOICES entries `schedule.w_reserve` plans (ValueError naming the key if unknown)."""
+    if setting == "auto":
+        return W_RESERVE_CHOICES
+    if setting not in W_RESERVE_SETTINGS:
+        raise ValueError(f"schedule.w_reserve: '{setting}' is not a choice; use one of {', '.join(W_RESERVE_SETTINGS)}")
+    return (setting,) if setting == "by-rank" else (int(setting),)
 
 
 def _best_plan(rules: ScheduleRules, m: int, orders: list[list[Action]], nominal: NominalCosts,
-               w_caps: list[int] | None = None) -> NominalPlan:
+               w_caps: list[int] | None = None, w_reserve: str = "auto") -> NominalPlan:
     holds = (1.0,)
     if K.STATS in rules.method.collectives and not rules.method.blocking and nominal.hold_window > 0:
         holds = HOLD_CHOICES
-    reserves = W_RESERVE_CHOICES if w_caps is not None else (None,)
+    p = rules.stages.p
+    reserves = [w_reserves(c, p) for c in reserve_choices(w_reserve)] if w_caps is not None else [None]
     plans = [plan_nominal(rules, m, orders, dataclasses.replace(nominal, hold_window=nominal.hold_window * k),
                           w_caps, reserve) for k in holds for reserve in reserves]
     return min(plans, key=_makespan)

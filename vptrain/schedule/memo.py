@@ -18,7 +18,7 @@ from vptrain.schedule.planner import NominalCosts
 from vptrain.schedule.rules import ScheduleRules
 from vptrain.schedule.validate import validate_schedule
 
-Key = tuple[str, str, int, int, NominalCosts, bool]
+Key = tuple[str, str, int, int, NominalCosts, bool, int, str]
 
 
 @dataclass
@@ -31,16 +31,16 @@ class ScheduleMemo:
 
     def validated(
         self, method: str, name: str, p: int, m: int, nominal: NominalCosts, *, check_deadlock: bool = True,
-        chunks: int = 0,
+        chunks: int = 0, w_reserve: str = "auto",
     ) -> tuple[Schedule, ScheduleRules]:
-        """The schedule build_schedule(method, name, p, m, nominal=nominal, chunks=chunks) validated,
-        and its rules."""
-        key = (method, name, p, m, nominal, check_deadlock, chunks)
+        """The schedule build_schedule(method, name, p, m, nominal=nominal, chunks=chunks,
+        w_reserve=w_reserve) validated, and its rules."""
+        key = (method, name, p, m, nominal, check_deadlock, chunks, w_reserve)
         found = self.built.get(key)
         if found is not None:
             self.hits += 1
             return found
-        schedule = build_schedule(method, name, p, m, nominal=nominal, chunks=chunks)
+        schedule = build_schedule(method, name, p, m, nominal=nominal, chunks=chunks, w_reserve=w_reserve)
         shape = (method, name, p, schedule.chunks)
         rules = self.rules.setdefault(shape, ScheduleRules.of(method=method, name=name, p=p, chunks=schedule.chunks))
         validate_schedule(schedule, check_deadlock=check_deadlock, rules=rules)
