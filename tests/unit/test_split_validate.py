@@ -68,3 +68,21 @@ def test_w_on_another_rank_is_rejected() -> None:
     rows[1].append(w)  # rank 1 now runs W0 twice and rank 0 never
     with pytest.raises(ScheduleError, match="W"):
         validate_schedule(dataclasses.replace(s, ranks=tuple(tuple(r) for r in rows)))
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "vhalf"])
+def test_ib_moves_freely_after_its_broadcast(schedule: str) -> None:
+    """IB's only need is its DEMB_BCAST (docs/schedules.md): every rank's first IB moved to the very
+    end of its list is still a valid schedule; moved in front of its broadcast, it is refused."""
+    s = build_schedule("vocab-2", schedule, 3, 6)
+    late = s
+    for rank, row in enumerate(s.ranks):
+        row = list(row)
+        row.remove(Action(K.IB, 0))
+        late = _with_row(late, rank, [*row, Action(K.IB, 0)])
+    validate_schedule(late)
+    row = list(s.ranks[2])
+    row.remove(Action(K.IB, 0))
+    row.insert(row.index(Action(K.DEMB_BCAST, 0)), Action(K.IB, 0))
+    with pytest.raises(ScheduleError, match="IB0"):
+        validate_schedule(_with_row(s, 2, row))
