@@ -133,9 +133,11 @@ def make_plan(cfg: RunConfig, *, memo: ScheduleMemo | None = None) -> Plan:
         step_flops = sum(flops[r].get((a.kind, a.chunk), 0.0) for a in schedule.ranks[r] if a.kind.is_compute)
         stage = StagePlan(rank, params, memory, step_flops, sim.busy[r], sim.peak_in_flight[r])
         if stage.memory_total > cfg.cluster.gpu_memory_gb * GIB:
+            lean = "; schedule.w_reserve=0 keeps the fewest W's waiting" if (
+                cfg.schedule.name == "zb-h1" and cfg.schedule.w_reserve != "0") else ""
             warnings.append(
                 f"pp rank {r} needs {stage.memory_total / GIB:.1f} GiB > cluster.gpu_memory_gb="
-                f"{cfg.cluster.gpu_memory_gb:g}; raise layout.pp, use a vocab method or V-Half"
+                f"{cfg.cluster.gpu_memory_gb:g}; raise layout.pp, use a vocab method or V-Half{lean}"
             )
         out.append(stage)
     peak = device.peak_flops[cfg.precision]

@@ -153,3 +153,12 @@ def test_w_reserve_setting_trades_bubble_for_bytes() -> None:
     assert peak(lean) < peak(auto)
     with pytest.raises(ValueError, match="schedule.w_reserve: '4' is not a choice"):
         validated_config(**{"schedule.name": "zb-h1", "schedule.w_reserve": "4"})
+
+
+def test_zb_h1_over_memory_names_the_lean_reserve() -> None:
+    """Where by-rank's bytes overflow the device, the plan's warning names schedule.w_reserve=0, and
+    that plan fits the same device (goal config: 177 MiB on the fullest rank against 155)."""
+    tight = {**GOAL, "schedule.name": "zb-h1", "cluster.gpu_memory_gb": 0.16, "vocab.chunk_tokens": 0}
+    auto = make_plan(validated_config(**tight))
+    assert any("schedule.w_reserve=0" in w for w in auto.warnings), auto.warnings
+    assert make_plan(validated_config(**tight, **{"schedule.w_reserve": "0"})).warnings == []
