@@ -105,7 +105,7 @@ def test_zb_h1_reserve_by_rank_is_what_meets_the_goal(monkeypatch: pytest.Monkey
 
     chosen, base = _goal("zb-h1"), _goal("1f1b")
     assert max(chosen.sim.peak_in_flight) <= max(base.sim.peak_in_flight)
-    monkeypatch.setattr(builders, "W_RESERVE_CHOICES", (None, 1, 2, 3))
+    monkeypatch.setattr(builders, "W_RESERVE_CHOICES", (0, 1, 2, 3))
     assert _goal("zb-h1").sim.bubble_rate > 0.7 * base.sim.bubble_rate
 
 

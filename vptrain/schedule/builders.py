@@ -119,7 +119,7 @@ def build_schedule(method: str, schedule: str, p: int, m: int, *, nominal: Nomin
     method: baseline | redis | interlaced | vocab-naive | vocab-1 | vocab-2
     schedule: 1f1b | zb-h1 | vhalf | interleaved (kinds.SCHEDULE_KINDS says which methods each runs)
     `chunks`: model chunks per rank, for interleaved (0: its default, 2).
-    `w_reserve`: zb-h1's W reserve for the cool-down (W_RESERVE_SETTINGS; auto: the shortest plan).
+    `w_reserve`: zb-h1's W reserve for the cool-down (reserve_choices; auto: the shortest plan).
     `nominal` only changes where vocabulary passes and transfers are placed; the engine and
     `vptrain plan` both use the default so they run and report the same schedule.
     """
@@ -176,8 +176,8 @@ pick the same plan. (Also choosing between planning with and without the communi
 a simulation on the nominal costs, cost twice the time and moved no figure by more than 0.15 point.)"""
 
 
-W_RESERVE_CHOICES: tuple[int | str | None, ...] = (None, 1, 2, 3, "by-rank")
-"""ZB-H1's W fillers (planner.Planner) are planned keeping no W, or 1, 2 or 3 W on every rank, or r W
+W_RESERVE_CHOICES: tuple[int | str, ...] = (0, 1, 2, 3, "by-rank")
+"""ZB-H1's W fillers (planner.Planner) are planned keeping 0, 1, 2 or 3 W on every rank, or r W
 on rank r ("by-rank"), in reserve through idle moments for the cool-down; the shortest nominal
 makespan wins, as with HOLD_CHOICES. By rank fits the cool-down's shape: the last microbatch's B
 walks from rank p-1 down to rank 0, so rank r runs out of B's about r B's before rank 0 does and
@@ -187,25 +187,21 @@ config (p=4, m=16, vocab-2) no reserve gives 0.83x of 1F1B's bubble, a reserve o
 of their chunks wait for W with B's kept gradients): `schedule.w_reserve` pins one choice."""
 
 
-W_RESERVE_SETTINGS = ("auto", "by-rank", "0", "1", "2", "3")
-"""The values of `schedule.w_reserve`: auto plans every W_RESERVE_CHOICES entry, the others one."""
-
-
-def w_reserves(choice: int | str | None, p: int) -> tuple[int | None, ...]:
+def w_reserves(choice: int | str, p: int) -> tuple[int, ...]:
     """Per-rank W reserve of a W_RESERVE_CHOICES entry."""
-    if choice == "by-rank":
-        return tuple(range(p))
-    assert choice is None or isinstance(choice, int)
-    return (choice,) * p
+    return tuple(range(p)) if choice == "by-rank" else (int(choice),) * p
 
 
-def reserve_choices(setting: str) -> tuple[int | str | None, ...]:
-    """The W_RESERVE_CHOICES entries `schedule.w_reserve` plans (ValueError naming the key if unknown)."""
+def reserve_choices(setting: str) -> tuple[int | str, ...]:
+    """The W_RESERVE_CHOICES entries `schedule.w_reserve` plans: all for auto, else the one it names
+    (ValueError naming the key if it names none)."""
     if setting == "auto":
         return W_RESERVE_CHOICES
-    if setting not in W_RESERVE_SETTINGS:
-        raise ValueError(f"schedule.w_reserve: '{setting}' is not a choice; use one of {', '.join(W_RESERVE_SETTINGS)}")
-    return (setting,) if setting == "by-rank" else (int(setting),)
+    named = tuple(c for c in W_RESERVE_CHOICES if str(c) == setting)
+    if not named:
+        known = ", ".join(["auto", *map(str, W_RESERVE_CHOICES)])
+        raise ValueError(f"schedule.w_reserve: '{setting}' is not a choice; use one of {known}")
+    return named
 
 
 def _best_plan(rules: ScheduleRules, m: int, orders: list[list[Action]], nominal: NominalCosts,

@@ -85,14 +85,14 @@ class Planner:
     none; then `w_caps[r]` makes the W passes fillers (ZB-H1): each B's W joins the rank's queue
     and runs when the next pass of the order is not ready, or before an F that would keep more than
     `w_caps[r]` microbatch-chunks alive (F run, W not), or once the order is done. `w_reserve[r]`
-    (None: no reserve) keeps that many W queued on rank r through idle moments for the cool-down,
+    (default 0) keeps that many W queued on rank r through idle moments for the cool-down,
     where the other ranks' last passes leave the longest gaps."""
 
     def __init__(self, rules: ScheduleRules, m: int, orders: list[list[Action]], costs: NominalCosts,
-                 w_caps: list[int] | None = None, w_reserve: tuple[int | None, ...] | None = None):
+                 w_caps: list[int] | None = None, w_reserve: tuple[int, ...] | None = None):
         self.rules, self.m, self.orders, self.costs = rules, m, orders, costs
         self.w_caps = w_caps
-        self.w_reserve = w_reserve or (None,) * len(orders)
+        self.w_reserve = w_reserve or (0,) * len(orders)
         self.pending_w: list[list[Action]] = [[] for _ in orders]
         self.alive = [0] * len(orders)  # microbatch-chunks whose F ran and whose W (B) has not
         self.cost = costs.table()
@@ -210,8 +210,7 @@ class Planner:
         queue = self.pending_w[r]
         if not queue:
             return None
-        reserve = self.w_reserve[r]
-        if action is None and (reserve is None or len(queue) > reserve or self.pos[r] >= len(self.orders[r])):
+        if action is None and (len(queue) > self.w_reserve[r] or self.pos[r] >= len(self.orders[r])):
             return queue[0]
         if action is not None and action.kind is K.F and self.alive[r] >= self.w_caps[r]:
             return queue[0]
@@ -307,7 +306,7 @@ class Planner:
 
 
 def plan_nominal(rules: ScheduleRules, m: int, orders: list[list[Action]], costs: NominalCosts,
-                 w_caps: list[int] | None = None, w_reserve: tuple[int | None, ...] | None = None) -> NominalPlan:
+                 w_caps: list[int] | None = None, w_reserve: tuple[int, ...] | None = None) -> NominalPlan:
     """Run the nominal timeline for the given per-rank F/B(/W) orders (`w_caps`, `w_reserve`: see
     Planner)."""
     with paused_gc():
